@@ -1,0 +1,182 @@
+"""One function per pipeline stage: read inputs from the run directory, do the work, write outputs,
+return a short human summary. The CLI, the demo and ``cxr run`` all call these."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.labels import FINDINGS
+from pipelines.manifest import read_table, replace_stage_quarantine, write_table
+from pipelines.rundir import RunDir
+
+
+def _source_info(run: RunDir) -> dict:
+    if not run.source_json.exists():
+        raise FileNotFoundError(f"{run.source_json} not found: run `cxr ingest --run {run.root}` first")
+    return json.loads(run.source_json.read_text())
+
+
+def manifest_of(run: RunDir) -> pd.DataFrame:
+    return read_table(run.manifest, "manifest", f"run `cxr ingest --run {run.root}` first")
+
+
+def splits_of(run: RunDir) -> pd.DataFrame:
+    return read_table(run.splits, "splits", f"run `cxr split --run {run.root}` first")
+
+
+def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False) -> str:
+    """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean manifest."""
+    from pipelines.ingest import ingest  # noqa: PLC0415
+    from validation import quarantine_from, raise_on_table_failures, validate_manifest, write_summary, format_summary  # noqa: PLC0415
+
+    run.ensure()
+    result = ingest(source, Path(label_file), Path(images))
+    suite = validate_manifest(result.manifest, run.validation, source=source)
+    rejected = quarantine_from(suite, result.manifest, stage="validate-manifest")
+    failed_positions = sorted(suite.failed_rows)
+    manifest = result.manifest.drop(index=result.manifest.index[failed_positions]).reset_index(drop=True)
+    quarantine = pd.concat([q for q in (result.quarantine, rejected) if len(q)], ignore_index=True) if len(result.quarantine) or len(rejected) else result.quarantine
+    assert len(manifest) + len(quarantine) == result.rows_in, "ingest lost or duplicated rows"
+    write_table(manifest, run.manifest)
+    write_table(quarantine, run.quarantine)
+    run.source_json.write_text(
+        json.dumps(
+            {
+                "source": source,
+                "label_file": str(Path(label_file).resolve()),
+                "images": str(Path(images).resolve()),
+                "rows_in": result.rows_in,
+                "manifest_rows": len(manifest),
+                "quarantined": len(quarantine),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    summary_path = write_summary([suite], run.validation)
+    reasons = quarantine["reason"].str.split(":").str[0].value_counts() if len(quarantine) else pd.Series(dtype=int)
+    lines = [
+        f"ingest: {result.rows_in} rows in = {len(manifest)} in the manifest + {len(quarantine)} quarantined",
+        *[f"  quarantined {n:>7}  {reason}" for reason, n in reasons.items()],
+        *[f"  note: {note}" for note in result.notes],
+        format_summary([suite]),
+        f"wrote {run.manifest}, {run.quarantine}, {summary_path}",
+    ]
+    raise_on_table_failures([suite], warn_only=warn_only)
+    return "\n".join(lines)
+
+
+def validate_stage(run: RunDir, warn_only: bool = False, test_frac: float | None = None, val_frac: float | None = None) -> str:
+    """Re-run the suites on what the run directory holds: the manifest, and the splits if present."""
+    from validation import quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary, format_summary  # noqa: PLC0415
+
+    manifest = manifest_of(run)
+    source = _source_info(run).get("source") if run.source_json.exists() else None
+    results = [validate_manifest(manifest, run.validation, source=source)]
+    lines = []
+    if results[0].failed_rows:
+        rejected = quarantine_from(results[0], manifest, stage="validate-manifest")
+        kept = manifest.drop(index=manifest.index[sorted(results[0].failed_rows)]).reset_index(drop=True)
+        existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else None
+        merged = pd.concat([q for q in (existing, rejected) if q is not None and len(q)], ignore_index=True)
+        write_table(merged, run.quarantine)
+        write_table(kept, run.manifest)
+        lines.append(f"validate: moved {len(rejected)} manifest row(s) to the quarantine; {len(kept)} remain")
+        manifest = kept
+    if run.splits.exists():
+        report = json.loads(run.split_report.read_text()) if run.split_report.exists() else {}
+        results.append(
+            validate_splits(
+                manifest,
+                splits_of(run),
+                run.validation,
+                test_frac=test_frac if test_frac is not None else report.get("test_frac", 0.15),
+                val_frac=val_frac if val_frac is not None else report.get("val_frac", 0.15),
+            )
+        )
+    summary_path = write_summary(results, run.validation)
+    lines += [format_summary(results), f"wrote {summary_path}"]
+    raise_on_table_failures(results, warn_only=warn_only)
+    return "\n".join(lines)
+
+
+def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: int, seed: int, warn_only: bool = False) -> str:
+    """Patient-level split with the leakage audit, then the GX split suite."""
+    from pipelines.split import split_patients  # noqa: PLC0415
+    from validation import raise_on_table_failures, validate_splits, write_summary, format_summary  # noqa: PLC0415
+
+    manifest = manifest_of(run)
+    result = split_patients(manifest, test_frac=test_frac, val_frac=val_frac, min_positives=min_positives, seed=seed)
+    suite = validate_splits(manifest, result.splits, run.validation, test_frac=test_frac, val_frac=val_frac)
+    summary_path = write_summary([suite], run.validation)
+    positives = result.positives_per_split(manifest)
+    counts = result.splits.groupby("split").agg(images=("image_id", "size"), patients=("patient_id", "nunique")).reindex(["train", "val", "test"], fill_value=0)
+    shared = int((result.splits.groupby("patient_id")["split"].nunique() > 1).sum())
+    report = {
+        "test_frac": test_frac,
+        "val_frac": val_frac,
+        "min_positives": min_positives,
+        "seed": seed,
+        "counts": {s: {k: int(v) for k, v in row.items()} for s, row in counts.iterrows()},
+        "positives": {f: {s: int(positives.at[f, s]) for s in positives.columns} for f in FINDINGS},
+        "shortfalls": result.shortfalls,
+        "patients_in_two_splits": shared,
+    }
+    raise_on_table_failures([suite], warn_only=warn_only)
+    write_table(result.splits, run.splits)
+    run.split_report.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "split (patient-level, drawn test -> val -> train):",
+        *[f"  {s:<5} {c['images']:>6} images  {c['patients']:>6} patients" for s, c in report["counts"].items()],
+        f"  leakage audit: {shared} patients shared between splits",
+        "  positives per split:",
+        "    " + positives.to_string().replace("\n", "\n    "),
+    ]
+    for s in result.shortfalls:
+        lines.append(f"  short: {s['split']} has {s['positives']} {s['finding']} positives (< {s['wanted']}); only {s['available']} in the collection")
+    lines += [format_summary([suite]), f"wrote {run.splits}, {run.split_report}, {summary_path}"]
+    return "\n".join(lines)
+
+
+def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None) -> str:
+    """Ray Data preprocessing; undecodable images go to the quarantine; the image suite runs on the result."""
+    from pipelines.preprocess import preprocess, write_stats  # noqa: PLC0415
+    from validation import image_checks, validate_images, write_summary, format_summary  # noqa: PLC0415
+
+    manifest, splits, info = manifest_of(run), splits_of(run), _source_info(run)
+    result = preprocess(manifest, splits, Path(info["images"]), run.shards, image_size=image_size, num_blocks=num_blocks, checks=image_checks)
+    replace_stage_quarantine(run.quarantine, "preprocess", result.quarantine)
+    write_stats(result.stats, run.stats)
+    suite = validate_images(result.image_table, run.validation, image_size=image_size)
+    summary_path = write_summary([suite], run.validation)
+    lines = [
+        f"preprocess: {sum(result.written.values())} images at {image_size}x{image_size} "
+        + ", ".join(f"{s} {n}" for s, n in result.written.items())
+        + f"; {len(result.quarantine)} quarantined",
+        *[f"  quarantined {r.image_id}: {r.reason}" for r in result.quarantine.head(20).itertuples()],
+        f"  train intensity: mean {result.stats['mean']:.4f}, std {result.stats['std']:.4f} (0..1 units, train split only)",
+        format_summary([suite]),
+        f"wrote {run.shards}, {run.stats}, {summary_path}",
+    ]
+    return "\n".join(lines)
+
+
+def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
+    from pipelines.eda import run_eda  # noqa: PLC0415
+
+    manifest, info = manifest_of(run), _source_info(run)
+    splits = splits_of(run) if run.splits.exists() else None
+    stats = json.loads(run.stats.read_text()) if run.stats.exists() else None
+    result = run_eda(
+        manifest,
+        Path(info["images"]),
+        run.eda,
+        splits=splits,
+        shards=run.shards if run.shards.exists() else None,
+        stats=stats,
+        sample_size=sample_size,
+        seed=seed,
+    )
+    return f"eda: {len(result.figures)} figures, summary at {result.summary_html} and {result.summary_md}"

@@ -1,0 +1,1 @@
+"""Data engineering for cxr: label vocabularies, source adapters, phantoms, split, preprocessing, EDA."""

@@ -1,0 +1,114 @@
+"""Decode one image file (PNG/JPEG/DICOM, any mode) to a fixed-size 8-bit grayscale array.
+
+Shared by preprocessing, prediction and the benchmarks so that every path sees the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class DecodeError(ValueError):
+    """An image file that cannot be turned into pixels; the message says why."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # (size, size) uint8
+    orig_width: int
+    orig_height: int
+    orig_mode: str
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a grayscale array of any depth to 0..255.
+
+    Integer data deeper than 8 bits is scaled by its bit depth (the smallest power of two above its
+    maximum, at least 8 bits), so a 12-bit image stored in 16 bits keeps its contrast and a dark
+    image stays dark; float data is min-max scaled.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        low = int(array.min()) if array.size else 0
+        if low < 0:
+            array = array.astype(np.int64) - low
+        top = int(array.max()) if array.size else 0
+        bits = max(8, math.ceil(math.log2(top + 1))) if top > 0 else 8
+        return np.round(array.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
+    array = array.astype(np.float64)
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    if high <= low:
+        return np.zeros(array.shape, np.uint8)
+    return np.round((np.nan_to_num(array, nan=low) - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _grayscale(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit ``L``. RGBA is composited on black (X-ray background) before
+    conversion, palette images are expanded, 16/32-bit and float go through ``to_uint8``."""
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(to_uint8(np.asarray(image)))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return image.convert("L")
+
+
+def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
+    import pydicom  # noqa: PLC0415 - only DICOM collections need it
+    from pydicom.pixels import apply_voi_lut  # noqa: PLC0415
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    pixels = apply_voi_lut(ds.pixel_array, ds)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1 stores bone dark: invert to the usual look
+    return to_uint8(np.asarray(pixels)), f"DICOM {getattr(ds, 'PhotometricInterpretation', '')}".strip()
+
+
+def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
+    """Decode ``data`` and resize to ``image_size`` square (bilinear, antialiased on downscale).
+
+    Raises DecodeError with a reason for empty, truncated or non-image data.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        if name.lower().endswith(DICOM_SUFFIXES):
+            array, mode = _read_dicom(data)
+            image = Image.fromarray(array)
+        else:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                mode = opened.mode
+                image = _grayscale(opened)
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognized image format") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt chunks this way
+        raise DecodeError(f"corrupt image data: {err}") from None
+    except Exception as err:  # pydicom raises its own types for broken files
+        raise DecodeError(f"corrupt image data: {type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise DecodeError("image has zero width or height")
+    resized = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0)
+    return Decoded(np.asarray(resized, dtype=np.uint8), width, height, mode)
+
+
+def decode_file(path: Path, image_size: int) -> Decoded:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+    return decode_bytes(data, image_size, path.name)

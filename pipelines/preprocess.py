@@ -1,0 +1,161 @@
+"""Preprocessing as one streaming Ray Data pipeline: read files -> decode/resize -> Parquet shards.
+
+``read_binary_files`` streams the image bytes, ``map_batches`` decodes each to fixed-size 8-bit
+grayscale and attaches labels and per-image pixel statistics, ``write_parquet`` writes shards
+partitioned by split. Images that cannot be decoded are written to a ``split=_failed`` partition
+with their reason, collected into the quarantine afterwards and removed from the shards, so a bad
+file never stops the run and is never lost. Memory stays flat because no stage holds more than a
+few blocks at a time (Ray Data's streaming executor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipelines.imaging import DecodeError, decode_bytes
+from pipelines.labels import FINDINGS
+from pipelines.manifest import quarantine_records
+from pipelines.shards import SPLITS, split_dir
+
+STAGE = "preprocess"
+FAILED = "_failed"
+BatchChecks = Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]]
+
+
+@dataclass
+class PreprocessResult:
+    written: dict[str, int]  # images per split
+    quarantine: pd.DataFrame  # this stage's rejected images
+    stats: dict
+    image_table: pd.DataFrame  # one row per input image: decode outcome, original size/mode, pixel stats
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str, dict], checks: BatchChecks | None) -> dict[str, np.ndarray]:
+    """Decode a batch of files; never raises for a bad image (it becomes a ``_failed`` row)."""
+    n = len(batch["path"])
+    images, errors, widths, heights, modes, means, stds, clipped = [], [], [], [], [], [], [], []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        try:
+            decoded = decode_bytes(bytes(data), image_size, str(path))
+        except DecodeError as err:
+            images.append(b""); errors.append(str(err)); widths.append(0); heights.append(0); modes.append("")
+            means.append(np.nan); stds.append(np.nan); clipped.append(np.nan)
+            continue
+        pixels = decoded.pixels
+        images.append(pixels.tobytes()); errors.append("")
+        widths.append(decoded.orig_width); heights.append(decoded.orig_height); modes.append(decoded.orig_mode)
+        means.append(pixels.mean()); stds.append(pixels.std()); clipped.append(np.mean((pixels == 0) | (pixels == 255)))
+    rows = [meta[_key(p)] for p in batch["path"]]
+    out: dict[str, np.ndarray] = {
+        "image_id": np.array([r["image_id"] for r in rows], dtype=object),
+        "patient_id": np.array([r["patient_id"] for r in rows], dtype=object),
+        "split": np.array([r["split"] if not e else FAILED for r, e in zip(rows, errors)], dtype=object),
+        "image": np.array(images, dtype=object),
+        **{f: np.array([r[f] for r in rows], dtype=np.int8) for f in FINDINGS},
+        "orig_width": np.array(widths, dtype=np.int32),
+        "orig_height": np.array(heights, dtype=np.int32),
+        "orig_mode": np.array(modes, dtype=object),
+        "pixel_mean": np.array(means, dtype=np.float32),
+        "pixel_std": np.array(stds, dtype=np.float32),
+        "clipped_frac": np.array(clipped, dtype=np.float32),
+        "error": np.array(errors, dtype=object),
+    }
+    if checks is not None:
+        out.update(checks(out, image_size))
+    assert all(len(v) == n for v in out.values())
+    return out
+
+
+def _key(path: str) -> str:
+    """Ray reports paths without a scheme; compare on the normalized absolute path."""
+    return os.path.normpath(str(path).removeprefix("file://"))
+
+
+def train_intensity_stats(shards: Path, image_size: int) -> dict:
+    """Mean and std (0..1 units) of all train pixels, from the per-image moments in the shards:
+    every image has the same pixel count, so the pooled moments are plain averages."""
+    table = pd.read_parquet(split_dir(shards, "train"), columns=["pixel_mean", "pixel_std"])
+    if table.empty:
+        raise ValueError("the train split is empty: cannot compute standardization statistics")
+    m = table["pixel_mean"].to_numpy(np.float64)
+    s = table["pixel_std"].to_numpy(np.float64)
+    mean = m.mean()
+    std = float(np.sqrt(max(np.mean(s**2 + m**2) - mean**2, 0.0)))
+    return {"image_size": image_size, "mean": float(mean / 255.0), "std": std / 255.0, "train_images": int(len(table)), "computed_on": "train"}
+
+
+def preprocess(
+    manifest: pd.DataFrame,
+    splits: pd.DataFrame,
+    images_root: Path,
+    shards: Path,
+    image_size: int = 224,
+    num_blocks: int | None = None,
+    batch_size: int | None = None,
+    checks: BatchChecks | None = None,
+) -> PreprocessResult:
+    """Run the pipeline on whatever Ray cluster the caller is connected to; rewrites ``shards``.
+
+    ``batch_size=None`` decodes each read block as one batch, which lets Ray fuse the read and the
+    decode into one task (no hand-off of raw PNG bytes through the object store); measured faster
+    in benchmarks/preprocess.py. Block count sets the parallelism.
+    """
+    import ray  # noqa: PLC0415 - the pipelines package stays importable without Ray machinery
+
+    if image_size < 8:
+        raise ValueError(f"--image-size must be at least 8, got {image_size}")
+    rows = manifest.merge(splits[["image_id", "split"]], on="image_id", how="inner")
+    if len(rows) != len(manifest):
+        raise ValueError(f"{len(manifest) - len(rows)} manifest image(s) have no split: run `cxr split` again")
+    root = Path(images_root).resolve()
+    rows = rows.assign(abs_path=[_key(root / p) for p in rows["path"]])
+    meta = {r["abs_path"]: {k: r[k] for k in ("image_id", "patient_id", "split", *FINDINGS)} for r in rows.to_dict("records")}
+    shards = Path(shards)
+    if shards.exists():
+        shutil.rmtree(shards)
+    ds = ray.data.read_binary_files(
+        list(rows["abs_path"]),
+        include_paths=True,
+        ignore_missing_paths=True,  # a file deleted since ingest is reported below, not fatal
+        override_num_blocks=num_blocks or min(len(rows), max(8, len(rows) // 16)),
+    )
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks})
+    ds.write_parquet(str(shards), partition_cols=["split"])
+    return _collect(rows, shards, image_size)
+
+
+def _collect(rows: pd.DataFrame, shards: Path, image_size: int) -> PreprocessResult:
+    """Read back only the small columns to account for every input image and build the stats."""
+    small = ["image_id", "orig_width", "orig_height", "orig_mode", "pixel_mean", "pixel_std", "clipped_frac", "error"]
+    parts = []
+    for split in (*SPLITS, FAILED):
+        path = split_dir(shards, split) if split != FAILED else shards / f"split={FAILED}"
+        if path.exists():
+            part = pd.read_parquet(path, columns=small)
+            parts.append(part.assign(split=split))
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*small, "split"])
+    failed_dir = shards / f"split={FAILED}"
+    if failed_dir.exists():
+        shutil.rmtree(failed_dir)
+    seen = set(table["image_id"])
+    unread = rows[~rows["image_id"].isin(seen)]
+    failed = table[table["split"] == FAILED]
+    records = rows.set_index("image_id")
+    reasons = [f"cannot decode: {e}" for e in failed["error"]] + ["missing file (gone since ingest)"] * len(unread)
+    ids = list(failed["image_id"]) + list(unread["image_id"])
+    quarantine = quarantine_records(STAGE, reasons, ids, [None] * len(ids), [records.loc[i, ["path", "patient_id"]].to_dict() | {"image_id": i} for i in ids])
+    image_table = pd.concat([table.assign(decoded=table["split"] != FAILED), pd.DataFrame({"image_id": unread["image_id"], "decoded": False, "error": "missing file"})], ignore_index=True)
+    written = {s: int((table["split"] == s).sum()) for s in SPLITS}
+    assert sum(written.values()) + len(quarantine) == len(rows), "preprocess lost or duplicated images"
+    return PreprocessResult(written, quarantine, train_intensity_stats(shards, image_size), image_table)
+
+
+def write_stats(stats: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(stats, indent=2) + "\n")

@@ -1,0 +1,78 @@
+"""A plain manifest (CSV or Parquet) already in cxr's column names, for any other collection."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.labels import FINDINGS, LABEL_VALUES
+from pipelines.manifest import ContractError
+from pipelines.sources.base import ParsedSource, Reject, blank, normalize_sex, parse_age, read_label_file, rows_frame
+
+GENERIC_REQUIRED = ("image_id", "path", "patient_id")
+OPTIONAL = ("study", "age", "sex", "view", "source")
+
+
+def _read(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[Reject]]:
+    if path.suffix != ".parquet":
+        return read_label_file(path, GENERIC_REQUIRED)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    frame = pd.read_parquet(path)
+    missing = [c for c in GENERIC_REQUIRED if c not in frame.columns]
+    if missing:
+        raise ContractError(f"{path} is missing required column(s) {', '.join(missing)}")
+    text = frame.astype("string").fillna("")
+    return list(frame.columns), list(enumerate(text.to_dict("records"), start=1)), []
+
+
+def _label(text: str) -> int | None:
+    t = text.strip() or "0"
+    try:
+        value = float(t)
+    except ValueError:
+        return None
+    return int(value) if value in LABEL_VALUES else None
+
+
+def parse_manifest(csv_path: Path) -> ParsedSource:
+    header, good, rejects = _read(Path(csv_path))
+    rows_in = len(good) + len(rejects)
+    present = [f for f in FINDINGS if f in header]
+    if not present:
+        raise ContractError(f"{csv_path} has none of the finding columns {', '.join(FINDINGS)}")
+    notes = []
+    extra = [c for c in header if c not in {*GENERIC_REQUIRED, *OPTIONAL, *FINDINGS}]
+    if extra:
+        notes.append(f"ignored column(s) not in the data contract: {', '.join(extra)}")
+    if len(present) < len(FINDINGS):
+        notes.append(f"finding column(s) absent, recorded as 0: {', '.join(f for f in FINDINGS if f not in present)}")
+    out: list[dict] = []
+    for number, rec in good:
+        image_id = rec["image_id"].strip() or None
+        values = {f: _label(rec.get(f, "")) for f in FINDINGS}
+        bad = [f"{f}={rec[f]!r}" for f in present if values[f] is None]
+        if bad:
+            rejects.append(Reject(number, "unknown label value(s) " + ", ".join(bad), rec, image_id))
+            continue
+        age, age_error = parse_age(rec.get("age"))
+        study_text = (rec.get("study") or "").strip()
+        if age_error or (study_text and not study_text.isdigit()):
+            rejects.append(Reject(number, age_error or f"unparseable study {study_text!r}", rec, image_id))
+            continue
+        out.append(
+            {
+                "row": number,
+                "image_id": image_id,
+                "path": rec["path"].strip() or None,
+                "patient_id": None if blank(rec["patient_id"]) else rec["patient_id"].strip(),
+                "study": int(study_text) if study_text else None,
+                "age": age,
+                "sex": normalize_sex(rec.get("sex")),
+                "view": (rec.get("view") or "").strip().upper() or "UNKNOWN",
+                **values,
+                "source": (rec.get("source") or "").strip() or "manifest",
+                "record": rec,
+            }
+        )
+    return ParsedSource(rows=rows_frame(out), rejects=rejects, rows_in=rows_in, notes=notes)

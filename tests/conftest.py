@@ -1,0 +1,34 @@
+"""Shared fixtures: the real NIH subset (skipped when absent) and a real local Ray."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
+NIH_CSV = NIH / "Data_Entry_2017_v2020.csv.gz"
+NIH_IMAGES = NIH / "images"
+
+
+@pytest.fixture(scope="session")
+def nih() -> Path:
+    """The real NIH ChestX-ray14 subset beside the checkout; the test skips when it is absent."""
+    if not NIH_CSV.exists() or not NIH_IMAGES.is_dir():
+        pytest.skip(f"real NIH data not found at {NIH}")
+    return NIH
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for the module, shut down afterwards so no raylet outlives the tests."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,135 @@
+"""Every training knob in one validated dataclass (the CLI, Tune and the worker loop share it).
+
+Inputs are checked where they enter, and each error names the bad value and the valid ones, so a
+typo in a CLI flag or a Tune search space fails on the driver, not minutes later inside a worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+BACKBONE_CHOICES = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
+FREEZE_CHOICES = ("none", "partial", "backbone")
+LOSS_CHOICES = ("auto", "bce", "weighted")
+SAMPLING_CHOICES = ("none", "over", "under")
+UNCERTAIN_CHOICES = ("zeros", "ones", "ignore")
+INGEST_CHOICES = ("ray_data", "memory")
+PLACEMENT_CHOICES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+WEIGHTS_KEYWORDS = ("imagenet", "none")
+
+
+def _choose(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Defaults suit a few thousand chest X-rays at most (the NIH sample here):
+    ImageNet-pretrained DenseNet121 (CheXNet), only its last dense block and the head trained,
+    weighted loss against the heavy per-finding imbalance."""
+
+    backbone: str = "densenet121"
+    weights: str = "imagenet"  # "imagenet", "none", or the path of a local state_dict file
+    freeze: str = "partial"  # none: fine-tune all; partial: last block + head; backbone: head only
+    loss: str = "auto"  # auto = weighted without resampling, bce with it (resampling already rebalances)
+    sampling: str = "none"  # over: repeat images with rare findings; under: drop all-negative images
+    over_max_repeat: float = 4.0  # cap on how often one image is repeated per epoch (--sampling over)
+    under_ratio: float = 1.0  # all-negative images kept per image with a finding (--sampling under)
+    uncertain: str = "zeros"  # -1 labels: U-Zeros, U-Ones, or masked out of the loss and AUROC
+
+    epochs: int = 10
+    batch_size: int = 32  # per worker
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    amp: bool = True  # bf16 autocast + channels_last; only on GPU
+    shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer
+
+    augment: bool = True  # training split only
+    rotate_deg: float = 7.0
+    shift: float = 0.05  # fraction of the image side
+    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
+    contrast: float = 0.2  # contrast factor in [1 - contrast, 1 + contrast]
+    hflip: bool = False  # off: a mirrored chest puts the heart on the wrong side
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5  # leaves CPU for Ray Data's read tasks on small machines
+    placement_strategy: str = "PACK"
+    ingest: str = "ray_data"  # "memory": preload the train split into the object store (benchmark bound)
+
+    keep_checkpoints: int = 2  # best N by validation mean AUROC (the latest is kept too)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+    seed: int = 0
+
+    # Test-only fault injection: the last worker exits hard during epoch `fail_at_epoch` (1-based)
+    # unless the file `fail_marker` exists; it creates that file first, so it fails exactly once.
+    fail_at_epoch: int | None = None
+    fail_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        _choose("backbone", self.backbone, BACKBONE_CHOICES)
+        _choose("freeze", self.freeze, FREEZE_CHOICES)
+        _choose("loss", self.loss, LOSS_CHOICES)
+        _choose("sampling", self.sampling, SAMPLING_CHOICES)
+        _choose("uncertain policy", self.uncertain, UNCERTAIN_CHOICES)
+        _choose("ingest", self.ingest, INGEST_CHOICES)
+        _choose("placement_strategy", self.placement_strategy, PLACEMENT_CHOICES)
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise ValueError("weights must be 'imagenet', 'none' or the path of a state_dict file")
+        for name in ("epochs", "batch_size", "workers", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
+        for name in ("lr", "cpus_per_worker"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "gpus_per_worker", "rotate_deg", "shift", "shuffle_buffer", "under_ratio"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if self.over_max_repeat < 1:
+            raise ValueError(f"over_max_repeat must be >= 1, got {self.over_max_repeat!r}")
+        for name in ("scale", "contrast"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.fail_at_epoch is not None and not self.fail_marker:
+            raise ValueError("fail_at_epoch needs fail_marker (the file that makes the failure happen once)")
+
+    @property
+    def effective_loss(self) -> str:
+        """The loss actually used: 'auto' means weighted unless the data are already resampled."""
+        if self.loss != "auto":
+            return self.loss
+        return "weighted" if self.sampling == "none" else "bce"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the settings: the default Ray Train run name, so re-running the
+        same configuration resumes it and any change starts a new run."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]

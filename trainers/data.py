@@ -1,0 +1,102 @@
+"""From the preprocessed shards (Ray Data) to the tensors the loop consumes.
+
+The shard rows are decoded into three numeric columns in Ray Data's own tasks, so the training
+workers receive ready arrays: ``image`` (uint8 ``(n, S, S)``: 4x smaller than floats in the object
+store and on the wire), ``labels`` (float32, 1/0 and -1 where a label is ignored) and ``key`` (a
+stable 63-bit hash of ``image_id``, used for per-epoch resampling and to split validation rows
+among workers). Scaling to [0, 1], augmentation and normalisation happen on the worker's device.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.labels import FINDINGS
+from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split
+from trainers.sampling import SamplingPlan, resample_rows
+
+SHARD_COLUMNS = [IMAGE_COLUMN, "image_id", *FINDINGS]
+
+
+def apply_uncertain(labels: np.ndarray, policy: str) -> np.ndarray:
+    """-1 labels per policy: 'zeros' (U-Zeros), 'ones' (U-Ones), 'ignore' (kept as -1: masked)."""
+    out = np.asarray(labels, dtype=np.float32).copy()
+    if policy == "zeros":
+        out[out < 0] = 0.0
+    elif policy == "ones":
+        out[out < 0] = 1.0
+    elif policy != "ignore":
+        raise ValueError(f"unknown uncertain policy {policy!r}: choose zeros, ones or ignore")
+    return out
+
+
+def row_keys(image_ids) -> np.ndarray:
+    """A stable int64 per image id (the same on every node and run, unlike Python's hash)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1 for i in image_ids],
+        dtype=np.int64,
+    )
+
+
+def to_tensor_batch(batch: dict, image_size: int, uncertain: str) -> dict[str, np.ndarray]:
+    """A batch of shard rows as ``image``/``labels``/``key`` arrays (run inside Ray Data tasks)."""
+    return {
+        "image": images_from_column(batch[IMAGE_COLUMN], image_size),
+        "labels": apply_uncertain(labels_from_batch(batch), uncertain),
+        "key": row_keys(batch["image_id"]),
+    }
+
+
+def tensor_dataset(shards: Path, split: str, image_size: int, uncertain: str):
+    """A split as a Ray Dataset of tensor rows (lazy: executed by whoever iterates it)."""
+    ds = read_split(shards, split, columns=SHARD_COLUMNS)
+    return ds.map_batches(to_tensor_batch, batch_format="numpy", fn_kwargs={"image_size": image_size, "uncertain": uncertain})
+
+
+def resampled(ds, plan: SamplingPlan, epoch: int):
+    """``ds`` with its rows repeated or dropped for ``epoch`` (see trainers.sampling)."""
+    return ds.map_batches(resample_rows, batch_format="numpy", fn_kwargs={"plan": plan, "epoch": epoch})
+
+
+def train_label_matrix(shards: Path, uncertain: str) -> np.ndarray:
+    """The training split's labels ``(n, 14)`` after the uncertainty policy: for class weights and
+    the sampling plan. Reads only the 14 label columns."""
+    df = read_split(shards, "train", columns=list(FINDINGS)).to_pandas()
+    if df.empty:
+        raise ValueError(f"the training split under {shards} is empty")
+    return apply_uncertain(df[list(FINDINGS)].to_numpy(), uncertain)
+
+
+def materialize(ds) -> dict[str, np.ndarray]:
+    """A tensor dataset fully in memory (``ingest='memory'``: the upper bound the benchmark compares to)."""
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {name: np.concatenate([p[name] for p in parts]) for name in ("image", "labels", "key")}
+
+
+def memory_batches(
+    arrays: dict[str, np.ndarray], plan: SamplingPlan, epoch: int, rank: int, world: int, batch_size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's training batches from in-memory arrays: the same resampling as
+    the Ray Data path, a (seed, epoch) permutation, an equal share per worker (so DDP ranks run the
+    same number of steps) and full batches only."""
+    epoch_rows = resample_rows(arrays, plan, epoch)
+    order = np.random.default_rng([plan.seed, epoch]).permutation(len(epoch_rows["key"]))
+    share = len(order) // world
+    mine = order[rank * share:(rank + 1) * share]
+    for start in range(0, len(mine) - batch_size + 1, batch_size):
+        index = np.sort(mine[start:start + batch_size])
+        yield {name: torch.from_numpy(col[index]).to(device, non_blocking=True) for name, col in epoch_rows.items()}
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(n, S, S)`` -> float ``(n, 1, S, S)`` in [0, 1] (augmentation works on this scale)."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Standardise with the training split's intensity statistics (stats.json, 0..1 units)."""
+    return (x - mean) / std

@@ -1,0 +1,147 @@
+"""Build the TorchTrainer over the preprocessed shards, run it, and write ``<run>/train/``.
+
+Library code: it never starts Ray. The caller connects (``ray.init``, a cluster address, or a Tune
+trial's own connection) and the trainer runs on whatever cluster that is.
+
+Outputs in ``<run>/train/``: ``best/`` (the checkpoint of the data contract: model.pt + model.json,
+the epoch with the highest validation mean AUROC), ``history.csv`` (one row per epoch: losses, mean
+and per-finding AUROC, throughput), ``config.json``, and ``ray/`` (Ray Train's run: the kept
+checkpoints, whose latest is what a restarted or re-run training resumes from).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines.rundir import RunDir
+from pipelines.shards import read_stats
+from trainers.checkpoint import INFO_FILE, MODEL_FILE, read_history
+from trainers.config import TrainConfig
+from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix
+from trainers.loop import VAL_DATASET, train_dataset_name, train_loop_per_worker
+from trainers.losses import class_weights
+from trainers.sampling import make_plan
+from trainers.weights import initial_state_dict
+
+logger = logging.getLogger(__name__)
+
+SCORE = "val_mean_auroc"
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint_dir: Path  # <run>/train/best: model.pt + model.json
+    metrics_history: pd.DataFrame  # one row per epoch
+    best_metrics: dict  # the reported metrics of the best epoch
+    ray_path: str  # Ray Train's run directory (all kept checkpoints)
+
+
+def _run_name(cfg: TrainConfig, stats: dict) -> str:
+    """Same settings on the same shards -> same name -> Ray Train resumes that run; else a new one."""
+    data = hashlib.sha1(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{cfg.backbone}-{cfg.fingerprint()}-{data}"
+
+
+def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
+    calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``)."""
+    if not ray.is_initialized():
+        raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
+    run = RunDir(run_dir)
+    stats = read_stats(run.stats)
+    image_size = int(stats["image_size"])
+    if cfg.weights == "none" and cfg.freeze != "none":
+        logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.freeze)
+
+    init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
+    labels = train_label_matrix(run.shards, cfg.uncertain)
+    plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
+    weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
+
+    train = tensor_dataset(run.shards, "train", image_size, cfg.uncertain)
+    datasets = {VAL_DATASET: tensor_dataset(run.shards, "val", image_size, cfg.uncertain)}
+    memory = None
+    if cfg.ingest == "memory":
+        memory = ray.put(materialize(train))
+    elif plan.mode == "none":
+        datasets[train_dataset_name(0, False)] = train
+    else:  # the sample is redrawn every epoch: one lazy dataset per epoch, each read when its epoch comes
+        datasets.update({train_dataset_name(e, True): resampled(train, plan, e) for e in range(cfg.epochs)})
+
+    config = {
+        "cfg": cfg.to_dict(),
+        "image_size": image_size,
+        "mean": float(stats["mean"]),
+        "std": float(stats["std"]),
+        "class_weights": [w.tolist() for w in weights] if weights is not None else None,
+        "plan": plan.__dict__,
+        "init_weights": ray.put(init) if init is not None else None,
+        "memory": memory,
+    }
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    storage = Path(storage_path) if storage_path else run.train / "ray"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(
+            name=name or _run_name(cfg, stats),
+            storage_path=str(storage.expanduser().resolve()) if "://" not in str(storage) else str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # Training datasets are split among workers; validation is read whole by each (see loop.py).
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != VAL_DATASET]),
+    )
+
+
+def _score(metrics: dict) -> tuple[float, float]:
+    auroc = metrics.get(SCORE, math.nan)
+    loss = metrics.get("val_loss", math.nan)
+    return (-math.inf if auroc is None or math.isnan(auroc) else auroc, -math.inf if loss is None or math.isnan(loss) else -loss)
+
+
+def write_outputs(result, run_dir: Path, cfg: TrainConfig) -> TrainResult:
+    """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json``."""
+    if result.error is not None:
+        raise result.error
+    if not result.best_checkpoints:
+        raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
+    out = RunDir(run_dir).train
+    out.mkdir(parents=True, exist_ok=True)
+    best_dir, staging = out / "best", out / "best.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    with best_checkpoint.as_directory() as directory:
+        for name in (MODEL_FILE, INFO_FILE):
+            shutil.copy2(Path(directory) / name, staging / name)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    staging.rename(best_dir)
+    with result.checkpoint.as_directory() as directory:  # the latest carries every epoch's row
+        history = pd.DataFrame(read_history(directory))
+    history.to_csv(out / "history.csv", index=False)
+    (out / "config.json").write_text(json.dumps(
+        {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "ray_path": result.path}, indent=2))
+    return TrainResult(best_dir, history, dict(best_metrics), result.path)
+
+
+def fit(run_dir: Path, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None) -> TrainResult:
+    """Train per ``cfg`` on ``<run>/shards`` on the connected Ray cluster; write ``<run>/train/``."""
+    result = build_trainer(run_dir, cfg, storage_path, name).fit()
+    return write_outputs(result, run_dir, cfg)

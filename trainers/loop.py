@@ -1,0 +1,226 @@
+"""The per-worker training loop (runs inside each Ray Train worker).
+
+Each epoch: train on this worker's shard of the (resampled) training split, evaluate validation,
+report the metrics with a checkpoint. A restarted worker group resumes from the last checkpoint:
+model, optimizer, scheduler and epoch come from ``ray.train.get_checkpoint()``, and the per-epoch
+sample, shuffle and augmentations are functions of (seed, epoch, rank), so epoch k after a resume
+is the epoch k the lost run would have trained.
+
+Validation: every worker reads the whole (small) validation split but runs the model only on the
+rows whose ``key % world_size`` is its rank, then the predictions are all-gathered. Each image is
+scored exactly once, the compute is shared, and nothing is dropped (Ray's even split of a dataset
+among workers may drop a few rows to make the shards equal, which is right for training, wrong
+for a metric). The unwrapped model is used, so ranks may run different numbers of batches.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainers.augment import Augment, augment_batch
+from trainers.checkpoint import MODEL_FILE, model_info, read_history, read_train_state, save_checkpoint
+from trainers.config import TrainConfig
+from trainers.data import memory_batches, standardize, to_unit
+from trainers.losses import MultiLabelBCE
+from trainers.metrics import auroc_metrics
+from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
+from trainers.sampling import SamplingPlan
+
+VAL_DATASET = "val"
+
+
+def train_dataset_name(epoch: int, per_epoch: bool) -> str:
+    """The Train dataset of an epoch: one per epoch when the sample is redrawn each epoch."""
+    return f"train_e{epoch}" if per_epoch else "train"
+
+
+def _all_gather(obj):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _maybe_fail(cfg: TrainConfig, epoch: int, rank: int, world: int) -> None:
+    """Test-only fault injection (see TrainConfig.fail_at_epoch): a hard exit, like a lost node."""
+    if cfg.fail_at_epoch == epoch + 1 and rank == world - 1 and not Path(cfg.fail_marker).exists():
+        Path(cfg.fail_marker).write_text(f"worker {rank} exited during epoch {epoch + 1}\n")
+        os._exit(1)
+
+
+def _inputs(images: torch.Tensor, aug: Augment | None, generator: torch.Generator | None,
+            mean: float, std: float, channels_last: bool) -> torch.Tensor:
+    x = to_unit(images)
+    if aug is not None:
+        x = augment_batch(x, aug, generator)
+    x = standardize(x, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                aug: Augment | None, generator: torch.Generator, norm: tuple[float, float], amp: bool,
+                after_first_step: Callable[[], None] | None = None) -> tuple[float, int, float]:
+    """One pass over ``batches``; returns (summed loss x images, images, seconds) for this worker."""
+    set_train_mode(model)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    images, start = 0, time.perf_counter()
+    for batch in batches:
+        x = _inputs(batch["image"], aug, generator, *norm, channels_last=amp)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = criterion(logits, batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(x)
+        images += len(x)
+        if images == len(x) and after_first_step is not None:
+            after_first_step()
+    total = float(loss_sum)  # one device sync per epoch, not per step
+    return total, images, time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict_rows(model: nn.Module, batches: Iterable[dict], rank: int, world: int, norm: tuple[float, float],
+                 amp: bool, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of this worker's validation rows (``key % world == rank``)."""
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        mine = batch["key"] % world == rank
+        if not bool(mine.any()):
+            continue
+        x = _inputs(batch["image"][mine].to(device), None, None, *norm, channels_last=amp)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits.append(model(x).float().cpu())
+        labels.append(batch["labels"][mine])
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: nn.Module, criterion: nn.Module, rank: int, world: int, norm: tuple[float, float], amp: bool,
+             device: torch.device, batch_size: int) -> dict[str, float]:
+    """Validation loss and AUROCs over the whole validation split, gathered from all workers."""
+    shard = ray.train.get_dataset_shard(VAL_DATASET)
+    batches = shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2)
+    parts = [p for p in _all_gather(predict_rows(model, batches, rank, world, norm, amp, device)) if len(p[0])]
+    if not parts:
+        raise ValueError("the validation split is empty: nothing to evaluate")
+    logits = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    val_loss = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels)))
+    scores = 1.0 / (1.0 + np.exp(-logits))
+    return {"val_loss": val_loss, **auroc_metrics(labels, scores), "val_images": int(len(labels))}
+
+
+def _criterion(config: dict) -> MultiLabelBCE:
+    weights = config.get("class_weights")
+    return MultiLabelBCE(*map(np.asarray, weights)) if weights else MultiLabelBCE()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config`` is what ``trainers.fit.build_trainer`` prepares: the
+    TrainConfig as a dict, image size and normalisation, class weights, the sampling plan, the
+    initial weights (an object ref) and, for ``ingest='memory'``, the preloaded training arrays."""
+    cfg = TrainConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    amp = cfg.amp and device.type == "cuda"
+    norm = (float(config["mean"]), float(config["std"]))
+    plan = SamplingPlan(**config["plan"])
+    per_epoch = plan.mode != "none"
+
+    model = build_model(cfg.backbone)
+    start_epoch, history, state = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
+            state, history = read_train_state(directory), read_history(directory)
+        start_epoch = int(state["epoch"])
+    elif config.get("init_weights") is not None:
+        load_initial_weights(model, cfg.backbone, ray.get(config["init_weights"]))
+    apply_freeze(model, cfg.backbone, cfg.freeze)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = getattr(model, "module", model)  # DDP's wrapped module: for evaluation and checkpoints
+
+    optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    criterion = _criterion(config).to(device)
+    cpu_criterion = copy.deepcopy(criterion).cpu()
+    aug = Augment.from_config(cfg)
+    memory = ray.get(config["memory"]) if config.get("memory") is not None else None
+    num_nodes = len(set(_all_gather(ray.get_runtime_context().get_node_id())))
+
+    for epoch in range(start_epoch, cfg.epochs):
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        if memory is not None:
+            batches = memory_batches(memory, plan, epoch, rank, world, cfg.batch_size, device)
+        else:
+            shard = ray.train.get_dataset_shard(train_dataset_name(epoch, per_epoch))
+            batches = shard.iter_torch_batches(
+                batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed * 1_000_003 + epoch * 1_009 + rank,
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum, images, seconds = train_epoch(
+            model, batches, criterion, optimizer, aug, generator, norm, amp,
+            after_first_step=lambda: _maybe_fail(cfg, epoch, rank, world),  # noqa: B023 - called within this epoch
+        )
+        loss_all, images_all = _all_sum([loss_sum, images], device)
+        slowest = max(_all_gather(seconds))
+        if images_all == 0:
+            raise ValueError(f"no full training batch of {cfg.batch_size} reached the workers: lower --batch-size")
+        scheduler.step()
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_all / images_all,
+            **evaluate(core, cpu_criterion, rank, world, norm, amp, device, 2 * cfg.batch_size),
+            "lr": lr,
+            "train_images": int(images_all),
+            "train_seconds": slowest,
+            "train_images_per_s": images_all / slowest if slowest > 0 else float("nan"),
+            "world_size": world,
+            "num_nodes": num_nodes,
+            "start_epoch": start_epoch,
+        }
+        history.append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = {**config["cfg"], "effective_loss": cfg.effective_loss}
+                info = model_info(summary, config["image_size"], *norm, epoch + 1, metrics)
+                train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "seed": cfg.seed}
+                save_checkpoint(Path(tmp), core, info, train_state, history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+        else:
+            ray.train.report(metrics)

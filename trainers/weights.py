@@ -1,0 +1,69 @@
+"""Where the initial weights come from: torchvision's ImageNet files, a local state_dict, or none.
+
+Resolved once on the driver, so a missing file fails before any worker starts, and the tensors
+travel to the workers through the object store (a path on the driver need not exist on a node).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torchvision import models
+
+from trainers.models import BACKBONES
+
+OFFLINE_ENV = "CXR_OFFLINE"  # set to 1 to never try a download (air-gapped clusters, tests)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested pretrained weights cannot be had; the message says how to proceed."""
+
+
+def imagenet_cache_file(backbone: str) -> Path:
+    """Where torchvision keeps the ImageNet file of ``backbone`` ($TORCH_HOME/hub/checkpoints/...)."""
+    weights = getattr(models, BACKBONES[backbone].weights).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a file, or from a checkpoint directory's model.pt. Never unpickles code."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path} (pass a state_dict file, a checkpoint directory, 'imagenet' or 'none')")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for foreign or unsafe files
+        raise ValueError(f"{path} is not a plain state_dict loadable with weights_only=True: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    cached = imagenet_cache_file(backbone)
+    if cached.is_file():
+        return read_state_dict(cached)
+    how = (
+        f"ImageNet weights for {backbone} are not cached at {cached} and cannot be downloaded "
+        f"{{why}}. Either copy the file there (or set TORCH_HOME to a directory whose hub/checkpoints holds it), "
+        f"or pass --weights PATH to a local state_dict file, or train from scratch with --weights none."
+    )
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise WeightsUnavailableError(how.format(why=f"({OFFLINE_ENV} is set)"))
+    url = getattr(models, BACKBONES[backbone].weights).DEFAULT.url
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, progress=False)
+    except OSError as err:  # URLError and socket errors are OSErrors
+        raise WeightsUnavailableError(how.format(why=f"(download of {url} failed: {err})")) from err
+
+
+def initial_state_dict(weights: str, backbone: str) -> dict[str, torch.Tensor] | None:
+    """The state_dict to start from, per ``--weights``: 'imagenet', 'none' (None) or a path."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return imagenet_state_dict(backbone)
+    return read_state_dict(Path(weights))

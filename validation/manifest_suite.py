@@ -1,0 +1,102 @@
+"""The manifest suite: the data contract of ``manifest.parquet`` as GX expectations.
+
+Type names follow what GX's pandas check compares, the column's scalar type: ``str`` for pandas
+string columns (``string`` fails, see DESIGN traps), ``int16``/``int32`` for nullable
+``Int16``/``Int32`` (``Int16`` fails: GX compares ``Int16Dtype`` with the scalar type ``int16``).
+"""
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.labels import FINDINGS, LABEL_VALUES, SEXES, VIEWS
+from pipelines.manifest import MANIFEST_COLUMNS
+from validation.checks import Check
+from validation.gx_runner import run_checks
+from validation.results import SuiteResult
+
+SUITE = "manifest"
+AGE_RANGE = (0, 120)
+NOT_NULL = ("image_id", "path", "patient_id", *FINDINGS)
+COLUMN_TYPES: dict[str, str] = {
+    **{c: "str" for c in ("image_id", "path", "patient_id", "sex", "view", "source")},
+    "study": "int32",
+    "age": "int16",
+    **{f: "int8" for f in FINDINGS},
+}
+# Sources whose image names encode the patient: (regex of the whole id, regex whose group 1 is the
+# patient part in the manifest's ``patient_id`` spelling).
+NAMING: dict[str, tuple[str, str]] = {"nih": (r"^\d{8}_\d{3}\.png$", r"^(\d{8})_\d{3}\.png$")}
+ID_PATIENT = "image_id_patient"  # derived: the patient part of image_id (GX compares it)
+
+
+def _sources(manifest: pd.DataFrame, source: str | None) -> list[str]:
+    if source is not None:
+        return [source]
+    if "source" not in manifest:
+        return []
+    return sorted(s for s in manifest["source"].dropna().unique() if s in NAMING)
+
+
+def manifest_checks(sources: list[str], image_paths: Collection[str] | None = None) -> list[Check]:
+    """The suite for a manifest whose rows come from ``sources``. With one source the naming rules
+    apply to every row; with several, each source's rules apply to its own rows."""
+    named = [s for s in sources if s in NAMING]
+    columns = [*MANIFEST_COLUMNS, *([ID_PATIENT] if named else [])]
+    checks = [
+        Check("ExpectTableColumnsToMatchSet", {"column_set": columns, "exact_match": True}, "data contract columns", "table"),
+        Check("ExpectTableRowCountToBeBetween", {"min_value": 1}, ">= 1 row", "table"),
+        *(Check("ExpectColumnValuesToBeOfType", {"column": c, "type_": t}, f"{c}, {t}", "table") for c, t in COLUMN_TYPES.items()),
+        *(Check("ExpectColumnValuesToNotBeNull", {"column": c}, c) for c in NOT_NULL),
+        Check("ExpectColumnValuesToBeUnique", {"column": "image_id"}, "image_id"),
+        *(Check("ExpectColumnValuesToBeInSet", {"column": f, "value_set": list(LABEL_VALUES)}, f"{f}, {{1, 0, -1}}") for f in FINDINGS),
+        Check("ExpectColumnValuesToBeInSet", {"column": "sex", "value_set": list(SEXES)}, f"sex, {{{', '.join(SEXES)}}}"),
+        Check("ExpectColumnValuesToBeInSet", {"column": "view", "value_set": list(VIEWS)}, f"view, {{{', '.join(VIEWS)}}}"),
+        Check("ExpectColumnValuesToBeBetween", {"column": "age", "min_value": AGE_RANGE[0], "max_value": AGE_RANGE[1]}, f"age, {AGE_RANGE[0]}..{AGE_RANGE[1]}"),
+    ]
+    for s in named:
+        where = ("source", s) if len(named) > 1 else None
+        checks += [
+            Check("ExpectColumnValuesToMatchRegex", {"column": "image_id", "regex": NAMING[s][0]}, f"image_id, {NAMING[s][0]}", where=where),
+            Check(
+                "ExpectColumnPairValuesToBeEqual",
+                {"column_A": ID_PATIENT, "column_B": "patient_id", "ignore_row_if": "either_value_is_missing"},
+                f"{s} image_id patient part, patient_id",
+                where=where,
+            ),
+        ]
+    if image_paths is not None:
+        checks.append(
+            Check("ExpectColumnDistinctValuesToContainSet", {"column": "path", "value_set": sorted(image_paths)}, "path, every image file", "table")
+        )
+    return checks
+
+
+def with_derived_columns(manifest: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
+    """Add the columns the naming checks compare: the patient part of each id, for rows of a source
+    with a naming rule (null where the id does not follow the rule: the regex check reports those)."""
+    named = [s for s in sources if s in NAMING]
+    if not named or "image_id" not in manifest:
+        return manifest
+    out = manifest.copy()
+    out[ID_PATIENT] = pd.Series(pd.NA, index=out.index, dtype="string")
+    for s in named:
+        rows = out.index if len(named) == 1 else out.index[out["source"] == s]
+        out.loc[rows, ID_PATIENT] = out.loc[rows, "image_id"].astype("string").str.extract(NAMING[s][1], expand=False)
+    return out
+
+
+def validate_manifest(
+    manifest: pd.DataFrame,
+    out_dir: Path,
+    source: str | None = None,
+    image_paths: Collection[str] | None = None,
+) -> SuiteResult:
+    """Run the manifest suite. ``source`` names where every row comes from (else the ``source``
+    column says, row by row); ``image_paths`` (files under the image root, relative) adds the
+    check that every image has a row. ``failed_rows`` are positions in ``manifest``."""
+    sources = _sources(manifest, source)
+    table = with_derived_columns(manifest.reset_index(drop=True), sources)
+    return run_checks(SUITE, table, manifest_checks(sources, image_paths), out_dir)

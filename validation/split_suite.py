@@ -1,0 +1,114 @@
+"""The split suite: splits.parquet against the manifest. Every check here is table-level: a split
+that misses images or leaks a patient is wrong as a whole and must be made again, so nothing is
+quarantined; per-split positives are reported (and flagged where a split has none)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.labels import FINDINGS, POSITIVE
+from pipelines.shards import SPLITS
+from validation.checks import Check
+from validation.gx_runner import run_checks
+from validation.results import SuiteResult
+
+SUITE = "splits"
+SPLIT_COLUMNS = ("image_id", "patient_id", "split")
+IN_MANIFEST = "in_manifest"  # derived: the split row's image is a manifest image
+MANIFEST_PATIENT = "manifest_patient_id"  # derived: the manifest's patient for the image
+
+
+def split_frame(manifest: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    """The table the suite judges: every split row, plus a row with a null ``split`` for each
+    manifest image the splits leave out; with the manifest's patient and findings per image and a
+    0/1 ``is_<split>`` column per split (its mean is the split's fraction of images)."""
+    known = manifest.drop_duplicates("image_id").set_index("image_id")
+    rows = splits.loc[:, list(SPLIT_COLUMNS)].reset_index(drop=True)
+    rows[IN_MANIFEST] = rows["image_id"].isin(known.index)
+    left_out = known.index.difference(pd.Index(rows["image_id"].dropna()))
+    unsplit = pd.DataFrame(
+        {"image_id": left_out, "patient_id": known.loc[left_out, "patient_id"].to_numpy(), "split": None, IN_MANIFEST: True}
+    )
+    frame = pd.concat([rows, unsplit], ignore_index=True) if len(unsplit) else rows
+    frame["split"] = frame["split"].astype("string")
+    frame["patient_id"] = frame["patient_id"].astype("string")
+    frame[MANIFEST_PATIENT] = frame["image_id"].map(known["patient_id"]).astype("string")
+    for f in FINDINGS:
+        frame[f] = frame["image_id"].map(known[f]).astype("Int8")
+    for s in SPLITS:
+        frame[f"is_{s}"] = (frame["split"] == s).fillna(False).astype("int8")
+    return frame
+
+
+def split_checks(frame: pd.DataFrame, fractions: dict[str, float], tolerance: float) -> list[Check]:
+    """The split suite for ``frame`` (from split_frame). The leak checks hold each later split's
+    patients against the patient sets of the splits before it, so every pair of splits is covered."""
+    patients = {s: sorted(frame.loc[frame["split"] == s, "patient_id"].dropna().unique()) for s in SPLITS}
+    checks = [
+        Check("ExpectColumnValuesToNotBeNull", {"column": "split"}, "split: every manifest image is in a split", "table"),
+        Check("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}, f"split, {{{', '.join(SPLITS)}}}", "table"),
+        Check("ExpectColumnValuesToBeUnique", {"column": "image_id"}, "image_id: in exactly one split", "table"),
+        Check("ExpectColumnValuesToBeInSet", {"column": IN_MANIFEST, "value_set": [True]}, "split images are manifest images", "table"),
+        Check(
+            "ExpectColumnPairValuesToBeEqual",
+            {"column_A": "patient_id", "column_B": MANIFEST_PATIENT, "ignore_row_if": "either_value_is_missing"},
+            "patient_id, manifest patient_id",
+            "table",
+        ),
+    ]
+    for i, s in enumerate(SPLITS[1:], start=1):
+        earlier = SPLITS[:i]
+        others = sorted(set().union(*(patients[e] for e in earlier)))
+        checks.append(
+            Check(
+                "ExpectColumnValuesToNotBeInSet",
+                {"column": "patient_id", "value_set": others},
+                f"patient_id of {s}, patients of {' and '.join(earlier)}: no patient in two splits",
+                "table",
+                where=("split", s),
+            )
+        )
+    for s in SPLITS:
+        lo, hi = max(0.0, fractions[s] - tolerance), min(1.0, fractions[s] + tolerance)
+        checks.append(
+            Check("ExpectColumnMeanToBeBetween", {"column": f"is_{s}", "min_value": lo, "max_value": hi}, f"{s} fraction, {lo:.3f}..{hi:.3f}", "table")
+        )
+    checks += [
+        Check("ExpectColumnMaxToBeBetween", {"column": f, "min_value": POSITIVE}, f"{f} in {s}, a positive", "flag", where=("split", s))
+        for s in SPLITS
+        for f in FINDINGS
+    ]
+    return checks
+
+
+def positives_table(frame: pd.DataFrame) -> list[dict]:
+    """Positives per finding and split (and the split's image count): reported, not judged."""
+    labelled = frame[frame["split"].isin(SPLITS)]
+    counts = (labelled[list(FINDINGS)] == POSITIVE).groupby(labelled["split"]).sum()
+    images = labelled["split"].value_counts()
+    return [
+        {"split": s, "images": int(images.get(s, 0)), **{f: int(counts.loc[s, f]) if s in counts.index else 0 for f in FINDINGS}}
+        for s in SPLITS
+    ]
+
+
+def validate_splits(
+    manifest: pd.DataFrame,
+    splits: pd.DataFrame,
+    out_dir: Path,
+    test_frac: float,
+    val_frac: float,
+    tolerance: float = 0.05,
+) -> SuiteResult:
+    """Run the split suite. A splits table without its contract columns is judged on its columns
+    alone (nothing else can be computed); the result then says which are missing."""
+    missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
+    if missing:
+        check = Check("ExpectTableColumnsToMatchSet", {"column_set": list(SPLIT_COLUMNS), "exact_match": False}, ", ".join(SPLIT_COLUMNS), "table")
+        return run_checks(SUITE, splits, [check], out_dir)
+    fractions = {"train": 1.0 - test_frac - val_frac, "val": val_frac, "test": test_frac}
+    frame = split_frame(manifest, splits)
+    result = run_checks(SUITE, frame, split_checks(frame, fractions, tolerance), out_dir)
+    result.tables["positives_per_split"] = positives_table(frame)
+    return result
