@@ -19,5 +19,5 @@ def run_demo(run: RunDir, patients: int = 120, image_size: int = 64, seed: int =
     with ray_session():
         parts.append(stages.preprocess_stage(run, image_size))
     parts.append(stages.eda_stage(run, seed=seed))
-    parts.append(f"demo outputs are in {run.root}: manifest.parquet, quarantine.parquet, splits.parquet, shards/, stats.json, validation/, eda/summary.html")
+    parts.append(f"demo outputs are in {run.root}: manifest.parquet, quarantine.parquet, splits.parquet, shards/, stats.json, validation/ (Data Docs), eda/")
     return "\n\n".join(parts)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.labels import FINDINGS
-from pipelines.manifest import read_table, replace_stage_quarantine, write_table
+from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.rundir import RunDir
 
 
@@ -16,6 +16,12 @@ def _source_info(run: RunDir) -> dict:
     if not run.source_json.exists():
         raise FileNotFoundError(f"{run.source_json} not found: run `cxr ingest --run {run.root}` first")
     return json.loads(run.source_json.read_text())
+
+
+def _concat(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Quarantine tables one after another (pandas warns on concatenating empty frames)."""
+    parts = [t for t in tables if len(t)]
+    return pd.concat(parts, ignore_index=True) if parts else tables[0]
 
 
 def manifest_of(run: RunDir) -> pd.DataFrame:
@@ -29,15 +35,14 @@ def splits_of(run: RunDir) -> pd.DataFrame:
 def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False) -> str:
     """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean manifest."""
     from pipelines.ingest import ingest  # noqa: PLC0415
-    from validation import quarantine_from, raise_on_table_failures, validate_manifest, write_summary, format_summary  # noqa: PLC0415
+    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, write_summary  # noqa: PLC0415
 
     run.ensure()
     result = ingest(source, Path(label_file), Path(images))
-    suite = validate_manifest(result.manifest, run.validation, source=source)
-    rejected = quarantine_from(suite, result.manifest, stage="validate-manifest")
-    failed_positions = sorted(suite.failed_rows)
-    manifest = result.manifest.drop(index=result.manifest.index[failed_positions]).reset_index(drop=True)
-    quarantine = pd.concat([q for q in (result.quarantine, rejected) if len(q)], ignore_index=True) if len(result.quarantine) or len(rejected) else result.quarantine
+    suite = validate_manifest(result.manifest, run.validation, source=source, image_paths=result.files)
+    rejected = quarantine_from(suite, result.manifest.assign(row=result.source_rows), stage="validate-manifest")
+    manifest = drop_failed(suite, result.manifest)
+    quarantine = _concat(result.quarantine, rejected)
     assert len(manifest) + len(quarantine) == result.rows_in, "ingest lost or duplicated rows"
     write_table(manifest, run.manifest)
     write_table(quarantine, run.quarantine)
@@ -70,7 +75,7 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
 
 def validate_stage(run: RunDir, warn_only: bool = False, test_frac: float | None = None, val_frac: float | None = None) -> str:
     """Re-run the suites on what the run directory holds: the manifest, and the splits if present."""
-    from validation import quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary, format_summary  # noqa: PLC0415
+    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary  # noqa: PLC0415
 
     manifest = manifest_of(run)
     source = _source_info(run).get("source") if run.source_json.exists() else None
@@ -78,10 +83,9 @@ def validate_stage(run: RunDir, warn_only: bool = False, test_frac: float | None
     lines = []
     if results[0].failed_rows:
         rejected = quarantine_from(results[0], manifest, stage="validate-manifest")
-        kept = manifest.drop(index=manifest.index[sorted(results[0].failed_rows)]).reset_index(drop=True)
-        existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else None
-        merged = pd.concat([q for q in (existing, rejected) if q is not None and len(q)], ignore_index=True)
-        write_table(merged, run.quarantine)
+        kept = drop_failed(results[0], manifest)
+        existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else empty_quarantine()
+        write_table(_concat(existing, rejected), run.quarantine)
         write_table(kept, run.manifest)
         lines.append(f"validate: moved {len(rejected)} manifest row(s) to the quarantine; {len(kept)} remain")
         manifest = kept
@@ -143,19 +147,26 @@ def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: i
 def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None) -> str:
     """Ray Data preprocessing; undecodable images go to the quarantine; the image suite runs on the result."""
     from pipelines.preprocess import preprocess, write_stats  # noqa: PLC0415
-    from validation import image_checks, validate_images, write_summary, format_summary  # noqa: PLC0415
+    from validation import REJECT_FLAGS, format_summary, image_checks, validate_images, write_summary  # noqa: PLC0415
 
     manifest, splits, info = manifest_of(run), splits_of(run), _source_info(run)
-    result = preprocess(manifest, splits, Path(info["images"]), run.shards, image_size=image_size, num_blocks=num_blocks, checks=image_checks)
-    replace_stage_quarantine(run.quarantine, "preprocess", result.quarantine)
-    write_stats(result.stats, run.stats)
+    result = preprocess(manifest, splits, Path(info["images"]), run.shards, image_size=image_size, num_blocks=num_blocks, checks=image_checks, reject_flags=REJECT_FLAGS)
     suite = validate_images(result.image_table, run.validation, image_size=image_size)
+    # The GX verdicts name the reasons; the batch flags already kept those images out of the shards.
+    table = result.image_table.reset_index(drop=True)
+    verdicts = {table.at[p, "image_id"]: "; ".join(r) for p, r in suite.failed_rows.items()}
+    unrouted = set(verdicts) - set(result.quarantine["image_id"])
+    if unrouted:
+        raise RuntimeError(f"image suite rejected images the batch checks let through (thresholds disagree): {sorted(unrouted)[:5]}")
+    quarantine = result.quarantine.assign(reason=[f"{verdicts[i]}: {r}" if i in verdicts else r for i, r in zip(result.quarantine["image_id"], result.quarantine["reason"])])
+    replace_stage_quarantine(run.quarantine, "preprocess", quarantine)
+    write_stats(result.stats, run.stats)
     summary_path = write_summary([suite], run.validation)
     lines = [
         f"preprocess: {sum(result.written.values())} images at {image_size}x{image_size} "
         + ", ".join(f"{s} {n}" for s, n in result.written.items())
         + f"; {len(result.quarantine)} quarantined",
-        *[f"  quarantined {r.image_id}: {r.reason}" for r in result.quarantine.head(20).itertuples()],
+        *[f"  quarantined {r.image_id}: {r.reason}" for r in quarantine.head(20).itertuples()],
         f"  train intensity: mean {result.stats['mean']:.4f}, std {result.stats['std']:.4f} (0..1 units, train split only)",
         format_summary([suite]),
         f"wrote {run.shards}, {run.stats}, {summary_path}",

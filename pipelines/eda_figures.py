@@ -5,6 +5,7 @@ to call from any process.
 """
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipelines.eda_pixels import LEVELS, moments, standardized_edges, standardized_moments
 
@@ -29,6 +31,19 @@ def _new(width: float, height: float, ncols: int = 1, nrows: int = 1):
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, facecolor="white")
     return path
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def message(title: str, text: str, path: Path) -> Path:
+    """A small figure that says why a figure has nothing to show, so every link in the summary works."""
+    fig, axes = _new(8, 2)
+    axes[0, 0].set_axis_off()
+    axes[0, 0].text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="#666666")
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
 
 
 def split_color(name: str, index: int) -> str:
@@ -58,6 +73,7 @@ def prevalence(counts: pd.DataFrame, no_finding: int, n_images: int, path: Path)
         ax.text(p + u + top * 0.01, yi, text, va="center", fontsize=8)
     ax.set_yticks(y, [n.replace("_", " ") for n in names])
     ax.set_xlim(0, top * 1.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("images")
     ax.set_title(f"Label prevalence ({n_images:,} images)")
     ax.spines[["top", "right"]].set_visible(False)
@@ -106,11 +122,13 @@ def images_per_patient(per_patient: pd.Series, path: Path) -> Path:
         ax.bar_label(bars, labels=[f"{int(h):,}" if h else "" for h in heights], fontsize=8, padding=2)
     ax.set_xlabel("images per patient")
     ax.set_ylabel("patients (log scale)" if long_tail else "patients")
+    if not long_tail:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(y=0.08)
     several = int((counts > 1).sum())
-    ax.set_title("Images per patient")
-    ax.text(0.98, 0.95, f"{len(counts):,} patients\n{several:,} with more than one image\nmost: {top} images",
-            transform=ax.transAxes, ha="right", va="top", fontsize=9,
-            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#cccccc"})
+    fig.suptitle("Images per patient", fontsize=12)
+    ax.set_title(f"{plural(len(counts), 'patient')}, {several:,} with more than one image, at most "
+                 f"{plural(top, 'image')} each", fontsize=9, color="#555555")
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)
 
@@ -126,7 +144,7 @@ def split_labels(percent: pd.DataFrame, sizes: pd.Series, path: Path) -> Path:
     ax = axes[0, 0]
     for i, split in enumerate(percent.columns):
         ax.barh(y - 0.4 + height * (i + 0.5), percent[split], height=height,
-                color=split_color(split, i), label=f"{split} ({int(sizes[split]):,} images)")
+                color=split_color(split, i), label=f"{split} ({plural(int(sizes[split]), 'image')})")
     ax.set_yticks(y, [n.replace("_", " ") for n in names])
     ax.invert_yaxis()
     if names[-1] == "No Finding":
@@ -141,7 +159,10 @@ def split_labels(percent: pd.DataFrame, sizes: pd.Series, path: Path) -> Path:
 def examples(images: list[np.ndarray], titles: list[str], captions: list[str], path: Path,
              rows: int = 3, cols: int = 4) -> Path:
     """A grid of example images, titled with their findings."""
-    fig, axes = _new(3 * cols, 3.3 * rows, ncols=cols, nrows=rows)
+    if not images:
+        return message("Example images", "No image could be read", path)
+    rows = min(rows, math.ceil(len(images) / cols))
+    fig, axes = _new(3 * cols, 3.5 * rows + 0.4, ncols=cols, nrows=rows)
     for k, ax in enumerate(axes.ravel()):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -151,8 +172,6 @@ def examples(images: list[np.ndarray], titles: list[str], captions: list[str], p
         ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
         ax.set_title(textwrap.fill(titles[k], 30), fontsize=9)
         ax.set_xlabel(captions[k], fontsize=7, color="#666666")
-    if not images:
-        axes[0, 0].text(0, 0.5, "No image could be read", fontsize=14)
     fig.suptitle("Example images with their labels", fontsize=13)
     return _save(fig, path)
 
@@ -178,35 +197,29 @@ def _cap_extremes(ax, hists: list[np.ndarray], edges: np.ndarray) -> None:
                         textcoords="offset points", ha="left" if level == 0 else "right", fontsize=8, color="#c44e52")
 
 
-def _no_images(ax) -> None:
-    ax.text(0.5, 0.5, "No image could be read", ha="center", va="center", transform=ax.transAxes)
-
-
 def intensity(image: np.ndarray | None, single: np.ndarray | None, sample: np.ndarray | None, n: int,
               source: str, path: Path) -> Path:
     """Raw 8-bit intensities: one image, its histogram, and the pooled histogram of the sample."""
+    if image is None or single is None or sample is None:
+        return message("Before standardization", "No image could be read", path)
     fig, axes = _new(15, 4.3, ncols=3)
     edges = np.arange(LEVELS + 1) - 0.5
     ax_img, ax_one, ax_all = axes[0]
     ax_img.set_axis_off()
-    if image is None or single is None or sample is None:
-        for ax in axes[0]:
-            _no_images(ax)
-    else:
-        ax_img.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax_img.set_title("One image")
-        for ax, hist, title in ((ax_one, single, "Pixel intensities of that image"),
-                                (ax_all, sample, f"Pixel intensities of {n} sampled images")):
-            mean, std = moments(hist)
-            _hist(ax, hist, edges, "#4c72b0", f"mean {mean:.1f}, std {std:.1f}")
-            ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1)
-            _cap_extremes(ax, [hist], edges)
-            ax.set_xlim(-1, 256)
-            ax.set_xlabel("pixel intensity (0-255)")
-            ax.set_ylabel("% of pixels")
-            ax.set_title(title)
-            ax.legend(loc="upper right", frameon=False)
-            ax.spines[["top", "right"]].set_visible(False)
+    ax_img.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax_img.set_title("One image")
+    for ax, hist, title in ((ax_one, single, "Pixel intensities of that image"),
+                            (ax_all, sample, f"Pixel intensities of {plural(n, 'sampled image')}")):
+        mean, std = moments(hist)
+        _hist(ax, hist, edges, "#4c72b0", f"mean {mean:.1f}, std {std:.1f}")
+        ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1)
+        _cap_extremes(ax, [hist], edges)
+        ax.set_xlim(-1, 256)
+        ax.set_xlabel("pixel intensity (0-255)")
+        ax.set_ylabel("% of pixels")
+        ax.set_title(title)
+        ax.legend(loc="upper right", frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(f"Before standardization ({source})", fontsize=12)
     return _save(fig, path)
 
@@ -214,30 +227,27 @@ def intensity(image: np.ndarray | None, single: np.ndarray | None, sample: np.nd
 def standardized(single: np.ndarray | None, groups: dict[str, tuple[np.ndarray, int]], mean01: float | None,
                  std01: float | None, stats_note: str, path: Path) -> Path:
     """Standardized intensities ``(x/255 - mean) / std``: one image, and the sample per split."""
+    if single is None or mean01 is None or std01 is None:
+        return message("After standardization", f"Not standardized: {stats_note}", path)
     fig, axes = _new(13, 4.5, ncols=2)
     ax_one, ax_all = axes[0]
-    if single is None or mean01 is None or std01 is None:
-        for ax in axes[0]:
-            _no_images(ax)
-    else:
-        edges = standardized_edges(mean01, std01)
-        m, s = standardized_moments(single, mean01, std01)
-        _hist(ax_one, single, edges, "#4c72b0", f"mean {m:.2f}, std {s:.2f}")
-        ax_one.set_title("One image, standardized")
-        for i, (name, (hist, n)) in enumerate(groups.items()):
-            m, s = standardized_moments(hist, mean01, std01)
-            _hist(ax_all, hist, edges, split_color(name, i), f"{name} ({n} images): mean {m:.2f}, std {s:.2f}",
-                  fill=False)
-        ax_all.set_title("Sampled images, standardized")
-        _cap_extremes(ax_one, [single], edges)
-        _cap_extremes(ax_all, [h for h, _ in groups.values()], edges)
-        for ax in (ax_one, ax_all):
-            ax.axvline(0, color="#444444", linestyle=":", linewidth=1)
-            ax.set_xlim(edges[0], edges[-1])
-            ax.set_xlabel("standardized intensity (x/255 - mean) / std")
-            ax.set_ylabel("% of pixels")
-            ax.legend(loc="upper right", frameon=False, fontsize=8)
-            ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(f"After standardization with mean {mean01:.4f}, std {std01:.4f} ({stats_note})"
-                 if mean01 is not None and std01 is not None else "After standardization", fontsize=12)
+    edges = standardized_edges(mean01, std01)
+    m, s = standardized_moments(single, mean01, std01)
+    _hist(ax_one, single, edges, "#4c72b0", f"mean {m:.2f}, std {s:.2f}")
+    ax_one.set_title("One image, standardized")
+    for i, (name, (hist, n)) in enumerate(groups.items()):
+        m, s = standardized_moments(hist, mean01, std01)
+        label = f"{name} ({plural(n, 'image')}): mean {m:.2f}, std {s:.2f}"
+        _hist(ax_all, hist, edges, split_color(name, i), label, fill=False)
+    ax_all.set_title("Sampled images, standardized")
+    _cap_extremes(ax_one, [single], edges)
+    _cap_extremes(ax_all, [h for h, _ in groups.values()], edges)
+    for ax in (ax_one, ax_all):
+        ax.axvline(0, color="#444444", linestyle=":", linewidth=1)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.set_xlabel("standardized intensity (x/255 - mean) / std")
+        ax.set_ylabel("% of pixels")
+        ax.legend(loc="upper right", frameon=False, fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(f"After standardization with mean {mean01:.4f}, std {std01:.4f} ({stats_note})", fontsize=12)
     return _save(fig, path)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.imaging import _grayscale
-from pipelines.shards import IMAGE_COLUMN, images_from_column
+from pipelines.shards import IMAGE_COLUMN, SPLITS, images_from_column, split_dir
 
 LEVELS = 256
 DISPLAY_SIZE = 256  # longest side of the copies kept for the example grid and the single image
@@ -59,14 +59,16 @@ def read_gray8(path: Path) -> np.ndarray:
         return np.asarray(_grayscale(opened), dtype=np.uint8)
 
 
-def read_disk_sample(rows: pd.DataFrame, images_root: Path, split_of: dict[str, str], limit: int | None = None) -> PixelSample:
-    """Read ``rows`` (``image_id``, ``path``) from disk in order, until ``limit`` images are read.
+def read_disk_sample(rows: pd.DataFrame, images_root: Path, limit: int | None = None) -> PixelSample:
+    """Read ``rows`` (``image_id``, ``path``, optional ``split``) from disk in order, until ``limit``
+    images are read.
 
     Missing or unreadable files are skipped and recorded with the reason, so EDA still runs on a
     collection with holes and says how many.
     """
     sample = PixelSample(source="disk")
-    for image_id, rel in zip(rows["image_id"], rows["path"]):
+    splits = rows["split"] if "split" in rows.columns else pd.Series(pd.NA, index=rows.index)
+    for image_id, rel, split in zip(rows["image_id"], rows["path"], splits):
         if limit is not None and len(sample) >= limit:
             break
         try:
@@ -77,13 +79,13 @@ def read_disk_sample(rows: pd.DataFrame, images_root: Path, split_of: dict[str, 
         except (OSError, ValueError, SyntaxError) as err:
             sample.skipped.append((str(image_id), f"unreadable: {err}"))
             continue
-        sample.add(str(image_id), split_of.get(str(image_id)), pixels)
+        sample.add(str(image_id), None if pd.isna(split) else str(split), pixels)
     return sample
 
 
 def _shard_files(shards: Path) -> list[tuple[Path, str]]:
-    """Every shard file with the split its hive directory names."""
-    return [(f, f.parent.name.split("=", 1)[1]) for f in sorted(Path(shards).glob("split=*/*.parquet"))]
+    """Every shard file of the train/val/test partitions (not preprocess's failure partition), with its split."""
+    return [(f, split) for split in SPLITS for f in sorted(split_dir(shards, split).glob("*.parquet"))]
 
 
 def read_shard_sample(shards: Path, n: int, seed: int) -> PixelSample:

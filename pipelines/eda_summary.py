@@ -82,6 +82,7 @@ def to_html(title: str, sections: list[Section]) -> str:
             body.append(f'<div class="caption">{esc(caption)}</div>')
             body.append(_display(table).to_html(index=False, border=0, escape=True))
         for caption, name in s.figures:
-            body.append(f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(f'<figure><img src="{esc(name)}" alt="{esc(caption)}">'
+                        f"<figcaption>{esc(caption)}</figcaption></figure>")
+    head = f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<title>{esc(title)}</title>'
+    return head + f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"

@@ -22,6 +22,8 @@ class IngestResult:
     manifest: pd.DataFrame
     quarantine: pd.DataFrame
     rows_in: int
+    source_rows: list[int]  # the label file's 1-based data row of each manifest row
+    files: list[str]  # every file under the image root, relative (for the "every image has a row" check)
     notes: list[str] = field(default_factory=list)
 
     def reason_counts(self) -> dict[str, int]:
@@ -96,6 +98,6 @@ def ingest(source: str, label_file: Path, images_root: Path) -> IngestResult:
         if rejects
         else empty_quarantine()
     )
-    result = IngestResult(manifest, quarantine, parsed.rows_in, parsed.notes)
+    result = IngestResult(manifest, quarantine, parsed.rows_in, [int(r["row"]) for r in keep], sorted(on_disk), parsed.notes)
     assert len(manifest) + len(quarantine) == parsed.rows_in, "ingest lost or duplicated rows"
     return result

@@ -99,6 +99,8 @@ class Box:
 
 @dataclass(frozen=True)
 class PhantomCollection:
+    """What make_collection wrote: ``ingest("nih", labels_csv, images)`` reads it like NIH's own."""
+
     root: Path
     images: Path
     labels_csv: Path
@@ -176,8 +178,8 @@ def _lung_markings(x: np.ndarray, y: np.ndarray, an: Anatomy, side: int) -> np.n
     twist = np.interp(np.arange(fine), radial, rng.normal(0.0, 0.04 * fine / (2 * np.pi), 40))  # vessels bend
     beads = np.interp(np.arange(fine), np.linspace(0, fine, 120), rng.random(120))  # and branch: they come and go
     r_index = np.minimum(rho * np.float32(fine / 300.0), fine - 1).astype(np.intp)
-    a_index = (np.arctan2(dy, dx) * np.float32(fine / (2 * np.pi)) + twist.astype(np.float32)[r_index]).astype(np.intp) % fine
-    streaks = fan.astype(np.float32)[a_index] * (0.4 + 0.6 * beads.astype(np.float32)[r_index])
+    angle = np.arctan2(dy, dx) * np.float32(fine / (2 * np.pi)) + twist.astype(np.float32)[r_index]
+    streaks = fan.astype(np.float32)[angle.astype(np.intp) % fine] * (0.4 + 0.6 * beads.astype(np.float32)[r_index])
     hilum = np.exp(-((rho / 28.0) ** 2))
     return np.clip(streaks * np.exp(-rho / 85.0) + 0.8 * hilum, 0.0, 1.0)
 
@@ -198,7 +200,9 @@ def _box_from_mask(kind: str, mask: np.ndarray) -> Box:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_phantom(anatomy: Anatomy, findings: Sequence[Finding] = (), image_size: int = 256) -> tuple[np.ndarray, list[Box]]:
+def render_phantom(
+    anatomy: Anatomy, findings: Sequence[Finding] = (), image_size: int = 256
+) -> tuple[np.ndarray, list[Box]]:
     """Draw one chest (uint8, image_size x image_size) with ``findings`` planted; returns the image
     and one box per finding in pixels.
 
@@ -297,8 +301,8 @@ def render_phantom(anatomy: Anatomy, findings: Sequence[Finding] = (), image_siz
 
     # bones: posterior ribs (arching down laterally), fainter anterior ribs, clavicles, spine
     lateral = np.abs(x) / (an.thorax_width / 2)
-    cage = _soft((1.0 - _superellipse_r(x, y, 0.0, an.lung_cy, an.thorax_width / 2 + 12.0, an.lung_b + 12.0, 2.3)) * an.lung_b, 6.0)
-    cage = cage * _soft(an.dome_peak(-1) + 20.0 - y, 20.0) * _soft(np.abs(x) - 14.0, 6.0)
+    cage_r = _superellipse_r(x, y, 0.0, an.lung_cy, an.thorax_width / 2 + 12.0, an.lung_b + 12.0, 2.3)
+    cage = _soft((1.0 - cage_r) * an.lung_b, 6.0) * _soft(an.dome_peak(-1) + 20.0 - y, 20.0) * _soft(np.abs(x) - 14.0, 6.0)
     for curve, weight in ((60.0 * lateral**2 - 15.0 * lateral, 0.075), (-40.0 * lateral, 0.03)):
         phase = (y - curve - an.rib_phase) / an.rib_pitch
         band = np.clip(1.0 - np.abs(phase - np.floor(phase) - 0.5) / 0.22, 0.0, 1.0)
@@ -319,7 +323,9 @@ def render_phantom(anatomy: Anatomy, findings: Sequence[Finding] = (), image_siz
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), boxes
 
 
-def _mm_box_to_px(x_mm: float, y_mm: float, w_mm: float, h_mm: float, an: Anatomy, image_size: int) -> tuple[float, float, float, float]:
+def _mm_box_to_px(
+    x_mm: float, y_mm: float, w_mm: float, h_mm: float, an: Anatomy, image_size: int
+) -> tuple[float, float, float, float]:
     spacing = an.field_mm / image_size
     return (
         (x_mm + an.shift[0]) / spacing + image_size / 2,
@@ -375,10 +381,10 @@ def sample_finding(rng: np.random.Generator, kind: str, anatomy: Anatomy) -> Fin
     if kind == "Cardiomegaly":
         return Finding(kind, size=float(rng.uniform(0.55, 0.66)))
     if kind == "Effusion":
-        return Finding(kind, side, size=float(rng.uniform(25.0, 70.0)), contrast=float(rng.uniform(0.85, 1.0)))
+        return Finding(kind, side, size=float(rng.uniform(35.0, 80.0)), contrast=float(rng.uniform(0.85, 1.0)))
     if kind == "Pneumothorax":
         sector = (float(rng.uniform(55.0, 90.0)), float(rng.uniform(55.0, 80.0)))
-        return Finding(kind, side, size=float(rng.uniform(0.2, 0.4)), contrast=float(rng.uniform(0.25, 0.4)), at=sector)
+        return Finding(kind, side, size=float(rng.uniform(0.25, 0.45)), contrast=float(rng.uniform(0.35, 0.5)), at=sector)
     if kind in ("Mass", "Nodule"):
         diameter = float(rng.uniform(36.0, 65.0) if kind == "Mass" else rng.uniform(10.0, 25.0))
         contrast = float(rng.uniform(0.2, 0.32) if kind == "Mass" else rng.uniform(0.2, 0.3))
@@ -439,7 +445,7 @@ def _plan_patient(seed: int, patient: int) -> list[_Planned]:
         view = "AP" if rng.random() < 0.3 else "PA"
         anatomy = _follow_up(rng, base, view)
         candidates = {
-            "Cardiomegaly": replace(chronic["Cardiomegaly"], size=chronic["Cardiomegaly"].size * float(rng.uniform(0.97, 1.03))),
+            "Cardiomegaly": replace(chronic["Cardiomegaly"], size=chronic["Cardiomegaly"].size * rng.uniform(0.97, 1.03)),
             "Effusion": replace(sample_finding(rng, "Effusion", anatomy), side=effusion_side),
             "Mass": replace(chronic["Mass"], size=chronic["Mass"].size * (1.0 + 0.04 * k)),  # slowly growing
             "Nodule": chronic["Nodule"],
@@ -476,7 +482,8 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
     """Write a phantom collection laid out like NIH ChestX-ray14 under ``out_dir``: ``images/``,
     ``Data_Entry_2017.csv`` and ``BBox_List_2017.csv`` (one box per planted finding).
 
-    Deterministic: the same arguments write the same bytes. Existing files are overwritten.
+    Deterministic: the same arguments write the same bytes. Files of the same name are overwritten;
+    other files in ``images/`` are left alone (unlisted, so ingest never reads them).
     """
     if not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
         raise ValueError(f"n_patients must be a positive integer, got {n_patients!r}")
@@ -499,7 +506,8 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
         spacing = repr(im.anatomy.field_mm / image_size)
         labels = format_nih_labels({k: POSITIVE for k in im.labels})
         entry_writer.writerow(
-            [im.image_id, labels, im.follow_up, im.patient, im.age, im.sex, im.view, image_size, image_size, spacing, spacing]
+            [im.image_id, labels, im.follow_up, im.patient, im.age, im.sex, im.view]
+            + [image_size, image_size, spacing, spacing]
         )
         for b in boxes:
             box_writer.writerow([im.image_id, b.finding, _number(b.x), _number(b.y), _number(b.w), _number(b.h)])

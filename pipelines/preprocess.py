@@ -37,8 +37,9 @@ class PreprocessResult:
     image_table: pd.DataFrame  # one row per input image: decode outcome, original size/mode, pixel stats
 
 
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str, dict], checks: BatchChecks | None) -> dict[str, np.ndarray]:
-    """Decode a batch of files; never raises for a bad image (it becomes a ``_failed`` row)."""
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str, dict], checks: BatchChecks | None, reject_flags: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Decode a batch of files; never raises for a bad image: an undecodable one, or one with any
+    of ``reject_flags`` set by ``checks``, becomes a ``_failed`` row."""
     n = len(batch["path"])
     images, errors, widths, heights, modes, means, stds, clipped = [], [], [], [], [], [], [], []
     for data, path in zip(batch["bytes"], batch["path"]):
@@ -69,6 +70,10 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str,
     }
     if checks is not None:
         out.update(checks(out, image_size))
+    rejected = np.zeros(n, dtype=bool)
+    for flag in reject_flags:
+        rejected |= np.asarray(out[flag], dtype=bool)
+    out["split"] = np.where(rejected, FAILED, out["split"]).astype(object)
     assert all(len(v) == n for v in out.values())
     return out
 
@@ -100,6 +105,7 @@ def preprocess(
     num_blocks: int | None = None,
     batch_size: int | None = None,
     checks: BatchChecks | None = None,
+    reject_flags: tuple[str, ...] = (),
 ) -> PreprocessResult:
     """Run the pipeline on whatever Ray cluster the caller is connected to; rewrites ``shards``.
 
@@ -126,14 +132,14 @@ def preprocess(
         ignore_missing_paths=True,  # a file deleted since ingest is reported below, not fatal
         override_num_blocks=num_blocks or min(len(rows), max(8, len(rows) // 16)),
     )
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks})
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks, "reject_flags": tuple(reject_flags)})
     ds.write_parquet(str(shards), partition_cols=["split"])
-    return _collect(rows, shards, image_size)
+    return _collect(rows, shards, image_size, tuple(reject_flags))
 
 
-def _collect(rows: pd.DataFrame, shards: Path, image_size: int) -> PreprocessResult:
+def _collect(rows: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...]) -> PreprocessResult:
     """Read back only the small columns to account for every input image and build the stats."""
-    small = ["image_id", "orig_width", "orig_height", "orig_mode", "pixel_mean", "pixel_std", "clipped_frac", "error"]
+    small = ["image_id", "orig_width", "orig_height", "orig_mode", "pixel_mean", "pixel_std", "clipped_frac", "error", *reject_flags]
     parts = []
     for split in (*SPLITS, FAILED):
         path = split_dir(shards, split) if split != FAILED else shards / f"split={FAILED}"
@@ -148,13 +154,19 @@ def _collect(rows: pd.DataFrame, shards: Path, image_size: int) -> PreprocessRes
     unread = rows[~rows["image_id"].isin(seen)]
     failed = table[table["split"] == FAILED]
     records = rows.set_index("image_id")
-    reasons = [f"cannot decode: {e}" for e in failed["error"]] + ["missing file (gone since ingest)"] * len(unread)
+    reasons = [_failure_reason(r, reject_flags) for r in failed.to_dict("records")] + ["missing file (gone since ingest)"] * len(unread)
     ids = list(failed["image_id"]) + list(unread["image_id"])
     quarantine = quarantine_records(STAGE, reasons, ids, [None] * len(ids), [records.loc[i, ["path", "patient_id"]].to_dict() | {"image_id": i} for i in ids])
-    image_table = pd.concat([table.assign(decoded=table["split"] != FAILED), pd.DataFrame({"image_id": unread["image_id"], "decoded": False, "error": "missing file"})], ignore_index=True)
+    image_table = pd.concat([table.assign(decoded=table["error"] == ""), pd.DataFrame({"image_id": unread["image_id"], "decoded": False, "error": "missing file"})], ignore_index=True)
     written = {s: int((table["split"] == s).sum()) for s in SPLITS}
     assert sum(written.values()) + len(quarantine) == len(rows), "preprocess lost or duplicated images"
     return PreprocessResult(written, quarantine, train_intensity_stats(shards, image_size), image_table)
+
+
+def _failure_reason(row: dict, reject_flags: tuple[str, ...]) -> str:
+    if row["error"]:
+        return f"cannot decode: {row['error']}"
+    return "failed image checks: " + ", ".join(f for f in reject_flags if row.get(f))
 
 
 def write_stats(stats: dict, path: Path) -> None:

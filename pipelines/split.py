@@ -49,50 +49,63 @@ def split_patients(
     if min_positives < 0:
         raise ValueError(f"--min-positives must be >= 0, got {min_positives}")
     positives = (manifest[list(FINDINGS)] == POSITIVE).astype(np.int64)
-    per_patient = positives.groupby(manifest["patient_id"]).sum()
-    per_patient["n_images"] = manifest.groupby("patient_id").size()
-    per_patient = per_patient.sort_index()  # a stable order before shuffling: same seed, same split
-    rng = np.random.default_rng(seed)
-    order = per_patient.index.to_numpy()[rng.permutation(len(per_patient))]
-    total_images = len(manifest)
-    total_pos = positives.sum()
-    assigned: dict[str, str] = {}
+    per_patient = positives.groupby(manifest["patient_id"]).sum().sort_index()  # stable order: same seed, same split
+    ids = per_patient.index.to_numpy()
+    pos = per_patient.to_numpy()  # (patients, findings) positive images
+    n_images = manifest.groupby("patient_id").size().reindex(ids).to_numpy()
+    order = np.random.default_rng(seed).permutation(len(ids))
+    total = pos.sum(axis=0)
+    caps = np.maximum(np.floor(total * MAX_EVAL_SHARE), 1).astype(np.int64)  # most positives one eval split may hold
+    unassigned = total.copy()  # positives of each finding among patients not yet assigned
+    split_of = np.full(len(ids), "train", dtype=object)
+    free = np.ones(len(ids), dtype=bool)
     shortfalls: list[dict] = []
+
+    def leaves_training_some(i: int) -> bool:
+        """Taking patient i must not move the last positives of any finding out of training."""
+        return not ((pos[i] > 0) & (unassigned - pos[i] < 1)).any()
 
     for split, frac in (("test", test_frac), ("val", val_frac)):
         if frac == 0:
             continue
-        taken = pd.Series(0, index=list(FINDINGS), dtype=np.int64)
+        taken = np.zeros(len(FINDINGS), dtype=np.int64)
         images = 0
 
-        def take(patient: str) -> None:
-            nonlocal images
-            assigned[patient] = split
-            taken.loc[:] += per_patient.loc[patient, list(FINDINGS)].to_numpy()
-            images += int(per_patient.loc[patient, "n_images"])
+        def take(i: int) -> None:
+            nonlocal images, taken, unassigned
+            split_of[i], free[i] = split, False
+            taken = taken + pos[i]
+            unassigned = unassigned - pos[i]
+            images += int(n_images[i])
 
-        for finding in sorted(FINDINGS, key=lambda f: (total_pos[f], f)):
-            cap = math.floor(total_pos[finding] * MAX_EVAL_SHARE)
-            wanted = min(min_positives, cap)
-            for patient in order:
-                if taken[finding] >= wanted:
+        for f in sorted(range(len(FINDINGS)), key=lambda j: (total[j], FINDINGS[j])):
+            wanted = min(min_positives, math.floor(total[f] * MAX_EVAL_SHARE))
+            for i in order:
+                if taken[f] >= wanted:
                     break
-                if patient in assigned or per_patient.at[patient, finding] == 0:
-                    continue
-                if taken[finding] + per_patient.at[patient, finding] > max(cap, 1):
-                    continue  # would take more than this split's share of the finding
-                take(patient)
-            if taken[finding] < min_positives and total_pos[finding] > 0:
-                shortfalls.append({"split": split, "finding": finding, "positives": int(taken[finding]), "wanted": min_positives, "available": int(total_pos[finding])})
-        target = frac * total_images
-        for patient in order:
-            if images >= target:
-                break
-            if patient not in assigned:
-                take(patient)
+                if free[i] and pos[i, f] > 0 and taken[f] + pos[i, f] <= caps[f] and leaves_training_some(i):
+                    take(i)
+            if taken[f] < min_positives and total[f] > 0:
+                shortfalls.append({"split": split, "finding": FINDINGS[f], "positives": int(taken[f]), "wanted": min_positives, "available": int(total[f])})
+        # Fill to the target fraction, first with patients who keep every finding within this
+        # split's share, then (only if the target is still not met) with anyone else who leaves
+        # training some positives of every finding.
+        target = frac * len(manifest)
+        for within_caps in (True, False):
+            for i in order:
+                if images >= target:
+                    break
+                if free[i] and leaves_training_some(i) and (not within_caps or not (taken + pos[i] > caps).any()):
+                    take(i)
 
-    split_of = [assigned.get(p, "train") for p in manifest["patient_id"]]
-    splits = pd.DataFrame({"image_id": manifest["image_id"].astype("string"), "patient_id": manifest["patient_id"].astype("string"), "split": pd.array(split_of, dtype="string")})
+    patient_split = dict(zip(ids, split_of))
+    splits = pd.DataFrame(
+        {
+            "image_id": manifest["image_id"].astype("string"),
+            "patient_id": manifest["patient_id"].astype("string"),
+            "split": pd.array([patient_split[p] for p in manifest["patient_id"]], dtype="string"),
+        }
+    )
     audit_leakage(splits, manifest)
     return SplitResult(splits, shortfalls)
 

@@ -1,12 +1,28 @@
 """Multi-label chest X-ray training on Ray Train: backbones, freeze strategies, imbalance remedies,
-the per-worker loop and the TorchTrainer that runs it over the preprocessed shards."""
-from trainers.checkpoint import load_checkpoint, prepare_input
-from trainers.config import TrainConfig
-from trainers.fit import TrainResult, build_trainer, fit, write_outputs
-from trainers.loop import train_loop_per_worker
-from trainers.weights import WeightsUnavailableError
+the per-worker loop and the TorchTrainer that runs it over the preprocessed shards.
 
-__all__ = [
-    "TrainConfig", "TrainResult", "WeightsUnavailableError", "build_trainer", "fit", "load_checkpoint",
-    "prepare_input", "train_loop_per_worker", "write_outputs",
-]
+The names below are imported on first use: Ray Data's tasks import ``trainers.data`` in fresh
+worker processes, and must not pay for torch, torchvision and Ray Train to read a block.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "trainers.config",
+    "TrainResult": "trainers.trainer",
+    "build_trainer": "trainers.trainer",
+    "fit": "trainers.trainer",
+    "write_outputs": "trainers.trainer",
+    "train_loop_per_worker": "trainers.loop",
+    "load_checkpoint": "trainers.checkpoint",
+    "prepare_input": "trainers.checkpoint",
+    "WeightsUnavailableError": "trainers.weights",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainers' has no attribute {name!r}")

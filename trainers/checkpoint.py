@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipelines.labels import FINDINGS
-from trainers.data import standardize, to_unit
+from trainers.inputs import standardize, to_unit
 from trainers.models import IN_CHANNELS, INPUT_HANDLING, build_model
 
 MODEL_FILE = "model.pt"

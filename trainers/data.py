@@ -4,16 +4,18 @@ The shard rows are decoded into three numeric columns in Ray Data's own tasks, s
 workers receive ready arrays: ``image`` (uint8 ``(n, S, S)``: 4x smaller than floats in the object
 store and on the wire), ``labels`` (float32, 1/0 and -1 where a label is ignored) and ``key`` (a
 stable 63-bit hash of ``image_id``, used for per-epoch resampling and to split validation rows
-among workers). Scaling to [0, 1], augmentation and normalisation happen on the worker's device.
+among workers). Scaling to [0, 1], augmentation and normalisation happen on the worker's device
+(trainers.inputs).
+
+This module is what Ray Data's tasks import to run the functions below: it stays free of torch, so
+a fresh Ray worker process does not pay seconds of imports before reading its first block.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
 
 from pipelines.labels import FINDINGS
 from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split
@@ -75,28 +77,3 @@ def materialize(ds) -> dict[str, np.ndarray]:
     """A tensor dataset fully in memory (``ingest='memory'``: the upper bound the benchmark compares to)."""
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return {name: np.concatenate([p[name] for p in parts]) for name in ("image", "labels", "key")}
-
-
-def memory_batches(
-    arrays: dict[str, np.ndarray], plan: SamplingPlan, epoch: int, rank: int, world: int, batch_size: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of this worker's training batches from in-memory arrays: the same resampling as
-    the Ray Data path, a (seed, epoch) permutation, an equal share per worker (so DDP ranks run the
-    same number of steps) and full batches only."""
-    epoch_rows = resample_rows(arrays, plan, epoch)
-    order = np.random.default_rng([plan.seed, epoch]).permutation(len(epoch_rows["key"]))
-    share = len(order) // world
-    mine = order[rank * share:(rank + 1) * share]
-    for start in range(0, len(mine) - batch_size + 1, batch_size):
-        index = np.sort(mine[start:start + batch_size])
-        yield {name: torch.from_numpy(col[index]).to(device, non_blocking=True) for name, col in epoch_rows.items()}
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(n, S, S)`` -> float ``(n, 1, S, S)`` in [0, 1] (augmentation works on this scale)."""
-    return images.unsqueeze(1).float().div_(255.0)
-
-
-def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """Standardise with the training split's intensity statistics (stats.json, 0..1 units)."""
-    return (x - mean) / std

@@ -32,7 +32,7 @@ from torch import nn
 from trainers.augment import Augment, augment_batch
 from trainers.checkpoint import MODEL_FILE, model_info, read_history, read_train_state, save_checkpoint
 from trainers.config import TrainConfig
-from trainers.data import memory_batches, standardize, to_unit
+from trainers.inputs import memory_batches, standardize, to_unit
 from trainers.losses import MultiLabelBCE
 from trainers.metrics import auroc_metrics
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode

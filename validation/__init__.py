@@ -1,6 +1,6 @@
 """Great Expectations suites for the manifest, the splits and the preprocessed images; their
 Data Docs and summary; quarantine of failing records. GX itself is imported only when a suite runs."""
-from validation.image_suite import image_checks, validate_images
+from validation.image_suite import REJECT_FLAGS, image_checks, validate_images
 from validation.manifest_suite import validate_manifest
 from validation.quarantine import drop_failed, quarantine_from
 from validation.report import format_summary, write_summary
@@ -8,6 +8,7 @@ from validation.results import ExpectationOutcome, SuiteResult, ValidationFailed
 from validation.split_suite import validate_splits
 
 __all__ = [
+    "REJECT_FLAGS",
     "ExpectationOutcome",
     "SuiteResult",
     "ValidationFailed",

@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 
@@ -21,6 +23,7 @@ DATA_DOCS_DIR = "data_docs"
 SITE_NAME = "local_site"
 DATASOURCE = "cxr"
 SAMPLE_VALUES = 5  # unexpected values quoted in an outcome's detail
+SEVERITY = {"table": "critical", "record": "warning", "flag": "info"}  # GX's own failure severities
 
 
 def _import_gx() -> Any:
@@ -80,8 +83,9 @@ def _context(gx: Any, out_dir: Path) -> Any:
 
 
 def _expectation(gx: Any, check: Check) -> Any:
-    """The GX expectation for ``check``, tagged with the check's name so results map back, and
-    described by that name so the Data Docs page shows it in place of GX's generic sentence."""
+    """The GX expectation for ``check``, tagged with the check's name so results map back,
+    described by that name so the Data Docs page shows it in place of GX's generic sentence, and
+    given the GX severity of its level (stored with the result)."""
     from great_expectations.expectations.row_conditions import Column  # noqa: PLC0415
 
     kwargs = dict(check.kwargs)
@@ -89,7 +93,7 @@ def _expectation(gx: Any, check: Check) -> Any:
         column, value = check.where
         kwargs["row_condition"] = Column(column) == value
     cls = getattr(gx.expectations, check.expectation)
-    return cls(**kwargs, meta={"check": check.name}, description=check.name)
+    return cls(**kwargs, meta={"check": check.name}, description=check.name, severity=SEVERITY[check.level])
 
 
 def _exception_message(result: Any) -> str | None:
@@ -123,7 +127,6 @@ def run_checks(suite_name: str, table: pd.DataFrame, checks: Sequence[Check], ou
     names = [c.name for c in checks]
     if len(set(names)) != len(names):
         raise ValueError(f"suite {suite_name!r} has duplicate check names")
-    by_name = {c.name: c for c in checks}
     out_dir = Path(out_dir).resolve()
     table = table.reset_index(drop=True)
 
@@ -149,13 +152,13 @@ def run_checks(suite_name: str, table: pd.DataFrame, checks: Sequence[Check], ou
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": table})
     (identifier, validation), = checkpoint_result.run_results.items()
 
+    results = {r.expectation_config.meta["check"]: r for r in validation.results}
     outcomes: list[ExpectationOutcome] = []
     failed_rows: dict[int, list[str]] = {}
-    for r in validation.results:
-        check = by_name[r.expectation_config.meta["check"]]
+    for check in checks:  # in suite order, so each row's reasons come in a stable order
+        r = results[check.name]
         error = _exception_message(r)
         result = r.result or {}
-        unexpected = [] if r.success else result.get("unexpected_index_list") or []
         outcomes.append(
             ExpectationOutcome(
                 name=check.name,
@@ -167,15 +170,13 @@ def run_checks(suite_name: str, table: pd.DataFrame, checks: Sequence[Check], ou
                 flag_only=check.level == "flag" and error is None,
             )
         )
-        if check.level == "record" and error is None:
-            for position in unexpected:
+        if check.level == "record" and error is None and not r.success:
+            for position in result.get("unexpected_index_list") or []:
                 failed_rows.setdefault(int(position), []).append(check.name)
-    order = {n: i for i, n in enumerate(names)}
-    outcomes.sort(key=lambda o: order[o.name])
 
     site = out_dir / DATA_DOCS_DIR
     pages = context.get_docs_sites_urls(resource_identifier=identifier, site_names=[SITE_NAME])
-    page = Path(pages[0]["site_url"].removeprefix("file://")) if pages else None
+    page = Path(url2pathname(urlparse(pages[0]["site_url"]).path)) if pages else None
     return SuiteResult(
         suite=suite_name,
         success=bool(validation.success),

@@ -22,6 +22,7 @@ IMAGE_COLUMNS = ("image_id", "decoded", "error", "orig_width", "orig_height", "o
 MIN_MEAN, MAX_MEAN = 10.0, 245.0  # outside: blank (all black or all white)
 MIN_STD = 2.0  # below: constant (one grey level)
 MAX_CLIPPED_FRAC = 0.5  # above: saturated (most pixels at 0 or 255)
+REJECT_FLAGS = ("is_blank", "is_constant", "is_saturated")  # quarantined; ``upsampled`` is only reported
 MIN_SIDE = "orig_min_side"  # derived: the shorter original side, against the target size
 
 

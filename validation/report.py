@@ -52,6 +52,9 @@ def write_summary(results: list[SuiteResult], validation_dir: Path) -> Path:
     return path
 
 
+MAX_FLAGS_SHOWN = 5
+
+
 def format_summary(results: list[SuiteResult]) -> str:
     """A few lines per suite: its verdict, each failed or flagged check with its record count, and
     where the Data Docs page is."""
@@ -61,14 +64,21 @@ def format_summary(results: list[SuiteResult]) -> str:
         if not failed:
             lines.append(f"{r.suite}: passed ({len(r.outcomes)} expectations, {r.rows} rows)")
         else:
-            verdict = "FAILED" if r.table_failures else "records quarantined" if r.record_failures else "flagged"
+            stops = " -- table-level failure, the pipeline stops" if r.table_failures else ""
             lines.append(
-                f"{r.suite}: {verdict}: {len(failed)} of {len(r.outcomes)} expectations failed, "
-                f"{len(r.failed_rows)} of {r.rows} records quarantined"
+                f"{r.suite}: {len(failed)} of {len(r.outcomes)} expectations failed "
+                f"({len(r.table_failures)} table-level, {len(r.record_failures)} record-level, "
+                f"{len(r.flags)} flags); {len(r.failed_rows)} of {r.rows} records quarantined{stops}"
             )
-            for o in failed:
-                count = f"{o.unexpected_count} records; " if o.unexpected_count else ""
+            # failures first, then flags; a long tail of flags is summarized (the report has them all)
+            failed.sort(key=lambda o: o.flag_only)
+            shown = [o for o in failed if not o.flag_only] + [o for o in failed if o.flag_only][:MAX_FLAGS_SHOWN]
+            for o in shown:
+                n = o.unexpected_count
+                count = f"{n} record{'s' if n != 1 else ''}; " if n else ""
                 lines.append(f"  [{_level(o)}] {o.name}: {count}{o.detail}")
+            if len(shown) < len(failed):
+                lines.append(f"  ... and {len(failed) - len(shown)} more flags (see the report)")
         if r.report_path:
             lines.append(f"  report: {r.report_path}")
     return "\n".join(lines)

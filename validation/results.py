@@ -48,6 +48,24 @@ class SuiteResult:
         return self.page_path or self.docs_path
 
 
+def combine(suite: str, main: SuiteResult, *others: SuiteResult) -> SuiteResult:
+    """One result for a suite that GX ran as several validations (one per table): ``main``'s rows
+    and pages, everyone's outcomes. The other tables' record failures have no rows in ``main``, so
+    their checks must be table-level or flags."""
+    if any(o.failed_rows for o in others):
+        raise ValueError("only the main table of a combined suite can have record-level failures")
+    return SuiteResult(
+        suite=suite,
+        success=main.success and all(o.success for o in others),
+        outcomes=[o for r in (main, *others) for o in r.outcomes],
+        failed_rows=main.failed_rows,
+        docs_path=main.docs_path,
+        page_path=main.page_path,
+        rows=main.rows,
+        tables={k: v for r in (main, *others) for k, v in r.tables.items()},
+    )
+
+
 class ValidationFailed(Exception):
     """A table-level expectation failed: the data cannot go on to the next stage as it is."""
 

@@ -17,12 +17,14 @@ SUITE = "splits"
 SPLIT_COLUMNS = ("image_id", "patient_id", "split")
 IN_MANIFEST = "in_manifest"  # derived: the split row's image is a manifest image
 MANIFEST_PATIENT = "manifest_patient_id"  # derived: the manifest's patient for the image
+FIRST_OF_PATIENT_SPLIT = "first_of_patient_split"  # derived: the first row of its (patient, split)
 
 
 def split_frame(manifest: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     """The table the suite judges: every split row, plus a row with a null ``split`` for each
     manifest image the splits leave out; with the manifest's patient and findings per image and a
-    0/1 ``is_<split>`` column per split (its mean is the split's fraction of images)."""
+    0/1 ``is_<split>`` column per split (its mean is the split's fraction of images), and a marker
+    of each (patient, split) pair's first row."""
     known = manifest.drop_duplicates("image_id").set_index("image_id")
     rows = splits.loc[:, list(SPLIT_COLUMNS)].reset_index(drop=True)
     rows[IN_MANIFEST] = rows["image_id"].isin(known.index)
@@ -38,13 +40,18 @@ def split_frame(manifest: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
         frame[f] = frame["image_id"].map(known[f]).astype("Int8")
     for s in SPLITS:
         frame[f"is_{s}"] = (frame["split"] == s).fillna(False).astype("int8")
+    keys = frame[["patient_id", "split"]]
+    frame[FIRST_OF_PATIENT_SPLIT] = ~keys.duplicated() & keys.notna().all(axis=1)
     return frame
 
 
-def split_checks(frame: pd.DataFrame, fractions: dict[str, float], tolerance: float) -> list[Check]:
-    """The split suite for ``frame`` (from split_frame). The leak checks hold each later split's
-    patients against the patient sets of the splits before it, so every pair of splits is covered."""
-    patients = {s: sorted(frame.loc[frame["split"] == s, "patient_id"].dropna().unique()) for s in SPLITS}
+def split_checks(fractions: dict[str, float], tolerance: float) -> list[Check]:
+    """The split suite for a frame from split_frame. The leak check asks GX whether ``patient_id``
+    is unique over one row per (patient, split): a patient in two splits appears twice. (Holding
+    each split's patients against the other splits' patient sets with
+    ExpectColumnValuesToNotBeInSet is the same check, but GX 1.24 re-serializes an expectation's
+    arguments at every step: on NIH's 112,120 rows, with its patients as value sets, the suite took
+    27 s instead of about 3.)"""
     checks = [
         Check("ExpectColumnValuesToNotBeNull", {"column": "split"}, "split: every manifest image is in a split", "table"),
         Check("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}, f"split, {{{', '.join(SPLITS)}}}", "table"),
@@ -56,19 +63,14 @@ def split_checks(frame: pd.DataFrame, fractions: dict[str, float], tolerance: fl
             "patient_id, manifest patient_id",
             "table",
         ),
+        Check(
+            "ExpectColumnValuesToBeUnique",
+            {"column": "patient_id"},
+            "patient_id over one row per patient and split: no patient in two splits",
+            "table",
+            where=(FIRST_OF_PATIENT_SPLIT, True),
+        ),
     ]
-    for i, s in enumerate(SPLITS[1:], start=1):
-        earlier = SPLITS[:i]
-        others = sorted(set().union(*(patients[e] for e in earlier)))
-        checks.append(
-            Check(
-                "ExpectColumnValuesToNotBeInSet",
-                {"column": "patient_id", "value_set": others},
-                f"patient_id of {s}, patients of {' and '.join(earlier)}: no patient in two splits",
-                "table",
-                where=("split", s),
-            )
-        )
     for s in SPLITS:
         lo, hi = max(0.0, fractions[s] - tolerance), min(1.0, fractions[s] + tolerance)
         checks.append(
@@ -109,6 +111,6 @@ def validate_splits(
         return run_checks(SUITE, splits, [check], out_dir)
     fractions = {"train": 1.0 - test_frac - val_frac, "val": val_frac, "test": test_frac}
     frame = split_frame(manifest, splits)
-    result = run_checks(SUITE, frame, split_checks(frame, fractions, tolerance), out_dir)
+    result = run_checks(SUITE, frame, split_checks(fractions, tolerance), out_dir)
     result.tables["positives_per_split"] = positives_table(frame)
     return result

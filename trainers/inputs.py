@@ -1,0 +1,35 @@
+"""Worker side of the input pipeline: uint8 batches -> standardised model input on the device,
+and the in-memory batch source the ingest benchmark uses as its upper bound."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from trainers.sampling import SamplingPlan, resample_rows
+
+
+def memory_batches(
+    arrays: dict[str, np.ndarray], plan: SamplingPlan, epoch: int, rank: int, world: int, batch_size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of this worker's training batches from in-memory arrays: the same resampling as
+    the Ray Data path, a (seed, epoch) permutation, an equal share per worker (so DDP ranks run the
+    same number of steps) and full batches only."""
+    epoch_rows = resample_rows(arrays, plan, epoch)
+    order = np.random.default_rng([plan.seed, epoch]).permutation(len(epoch_rows["key"]))
+    share = len(order) // world
+    mine = order[rank * share:(rank + 1) * share]
+    for start in range(0, len(mine) - batch_size + 1, batch_size):
+        index = mine[start:start + batch_size]
+        yield {name: torch.from_numpy(col[index]).to(device, non_blocking=True) for name, col in epoch_rows.items()}
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(n, S, S)`` -> float ``(n, 1, S, S)`` in [0, 1] (augmentation works on this scale)."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Standardise with the training split's intensity statistics (stats.json, 0..1 units)."""
+    return (x - mean) / std

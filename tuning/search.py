@@ -1,0 +1,117 @@
+"""Run the search: a Tuner over ``tuning.trial.run_trial`` with ASHA early stopping, resumable."""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pipelines.rundir import RunDir
+from trainers import TrainConfig
+from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
+from tuning.trial import run_trial
+
+TRIAL_DRIVER_CPU = 0.05  # the trial function only drives the TorchTrainer; its workers reserve their own CPUs
+SEARCH_NAME = "search"
+
+
+@dataclass
+class SearchResult:
+    table: pd.DataFrame
+    best_dir: Path | None
+    csv: Path
+    markdown: Path
+    curves: Path | None
+    trial_epochs: int  # epochs trained over all trials: what early stopping saves
+
+
+def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
+    """How many trials fit at once. On a CPU-only cluster one CPU stays free for Ray Data reads
+    (see DESIGN: with every CPU reserved the reads never start); GPUs may be fractional."""
+    per_trial_cpu = cfg.workers * cfg.cpus_per_worker + TRIAL_DRIVER_CPU
+    cpus = resources.get("CPU", 0.0)
+    fits = math.floor((cpus - (0 if cfg.use_gpu else 1)) / per_trial_cpu + 1e-9)
+    if cfg.use_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / (cfg.workers * cfg.gpus_per_worker) + 1e-9))
+    if fits < 1:
+        need = f"{per_trial_cpu:g} CPU" + (f" and {cfg.workers * cfg.gpus_per_worker:g} GPU" if cfg.use_gpu else " plus 1 CPU for data reads")
+        raise ValueError(f"one trial needs {need}; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+    return fits
+
+
+def run_search(
+    run_dir: Path,
+    base: TrainConfig,
+    space: dict[str, Any],
+    num_samples: int = 1,
+    asha: bool = True,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+    resume: bool = False,
+    max_concurrent: int | None = None,
+) -> SearchResult:
+    """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster."""
+    run = RunDir(run_dir)
+    out = run.tune
+    storage = (out / "ray").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(space) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown search parameter(s) {', '.join(unknown)}")
+    param_space = {**space, "base": base.to_dict(), "run_dir": str(run.root), "train_storage": str(storage / "train")}
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
+    path = storage / SEARCH_NAME
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise FileNotFoundError(f"no search to resume at {path}: run `cxr tune` without --resume first")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space, resume_errored=True)
+    else:
+        if path.exists():
+            shutil.rmtree(path)
+        scheduler = (
+            ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+            if asha
+            else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()),
+            ),
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    table = results_table(grid, base.epochs)
+    csv, markdown = write_tables(table, out)
+    curves = plot_curves(grid, out / "curves.png")
+    best_dir = _copy_best(grid, out / "best")
+    return SearchResult(table, best_dir, csv, markdown, curves, int(table["epochs"].sum()) if len(table) else 0)
+
+
+def _copy_best(grid, best_dir: Path) -> Path | None:
+    """The best trial's best epoch, in the data-contract format, for ``cxr evaluate``."""
+    source = best_checkpoint_path(grid)
+    if source is None:
+        return None
+    staging = best_dir.with_name(best_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in ("model.pt", "model.json"):
+        shutil.copy2(Path(source) / name, staging / name)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    staging.rename(best_dir)
+    return best_dir
+
+
+__all__ = ["CHECKPOINT_KEY", "SearchResult", "max_concurrent_trials", "run_search"]
