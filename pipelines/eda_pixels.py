@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.imaging import _grayscale
+from pipelines.imaging import to_grayscale
 from pipelines.shards import IMAGE_COLUMN, SPLITS, images_from_column, split_dir
 
 LEVELS = 256
@@ -56,7 +56,7 @@ def read_gray8(path: Path) -> np.ndarray:
     (16-bit scaled by its bit depth, RGBA composited on black)."""
     with Image.open(path) as opened:
         opened.load()
-        return np.asarray(_grayscale(opened), dtype=np.uint8)
+        return np.asarray(to_grayscale(opened), dtype=np.uint8)
 
 
 def read_disk_sample(rows: pd.DataFrame, images_root: Path, limit: int | None = None) -> PixelSample:

@@ -50,7 +50,7 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((np.nan_to_num(array, nan=low) - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def _grayscale(image: Image.Image) -> Image.Image:
+def to_grayscale(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit ``L``. RGBA is composited on black (X-ray background) before
     conversion, palette images are expanded, 16/32-bit and float go through ``to_uint8``."""
     mode = image.mode
@@ -91,7 +91,7 @@ def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
             with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
                 mode = opened.mode
-                image = _grayscale(opened)
+                image = to_grayscale(opened)
     except UnidentifiedImageError:
         raise DecodeError("not a recognized image format") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt chunks this way

@@ -140,7 +140,7 @@ def _criterion(config: dict) -> MultiLabelBCE:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config`` is what ``trainers.fit.build_trainer`` prepares: the
+    """Ray Train entry point. ``config`` is what ``trainers.trainer.build_trainer`` prepares: the
     TrainConfig as a dict, image size and normalisation, class weights, the sampling plan, the
     initial weights (an object ref) and, for ``ingest='memory'``, the preloaded training arrays."""
     cfg = TrainConfig.from_dict(config["cfg"])
