@@ -25,6 +25,49 @@ def _warn_only(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warn-only", action="store_true", help="report table-level validation failures but continue (default: stop with exit code 1)")
 
 
+def _train_args(p: argparse.ArgumentParser, tune: bool = False) -> None:
+    """Every TrainConfig knob as an option, with TrainConfig's own defaults."""
+    from trainers.config import BACKBONE_CHOICES, FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, UNCERTAIN_CHOICES, TrainConfig  # noqa: PLC0415
+
+    d = TrainConfig()
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=d.backbone, help="torchvision backbone")
+    p.add_argument("--weights", default=d.weights, help="'imagenet' (torchvision's, from the local cache offline), 'none', or the path of a local state_dict")
+    if not tune:
+        p.add_argument("--freeze", choices=FREEZE_CHOICES, default=d.freeze, help="none: fine-tune all; partial: last block + head; backbone: head only")
+        p.add_argument("--loss", choices=LOSS_CHOICES, default=d.loss, help="weighted BCE (per-finding, from the train split), plain bce, or auto (weighted unless resampling)")
+        p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=d.sampling, help="over: repeat images with rare findings; under: drop all-negative images; per epoch")
+        p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (cosine schedule)")
+    p.add_argument("--uncertain", choices=UNCERTAIN_CHOICES, default=d.uncertain, help="-1 labels: U-Zeros, U-Ones, or ignored in loss and AUROC")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (the maximum per trial under tune)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker, help="GPUs per worker (0: CPU; fractions allowed)")
+    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs per worker (leave some for Ray Data reads)")
+    p.add_argument("--no-augment", action="store_true", help="turn off train-split augmentation (rotation, shift, scale, contrast)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="best N checkpoints kept, by validation mean AUROC")
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts from the last checkpoint before giving up")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+
+
+def train_config_from(args: argparse.Namespace):
+    from trainers.config import TrainConfig  # noqa: PLC0415
+
+    values = {
+        k: getattr(args, k)
+        for k in ("backbone", "weights", "freeze", "loss", "sampling", "lr", "uncertain", "epochs", "batch_size", "weight_decay", "workers", "gpus_per_worker", "cpus_per_worker", "keep_checkpoints", "max_failures", "seed")
+        if hasattr(args, k)
+    }
+    return TrainConfig(**values, augment=not args.no_augment)
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray pipeline on Ray: ingest, validate, split, preprocess, explore.", formatter_class=fmt)
@@ -61,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=64, help="images sampled for the pixel-intensity histograms")
     p.add_argument("--seed", type=int, default=0, help="random seed for the image samples")
 
+    p = verbs.add_parser("train", help="Ray Train: fine-tune a backbone on the shards, checkpoints in <run>/train", formatter_class=fmt)
+    _run_arg(p)
+    _train_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    p = verbs.add_parser("tune", help="Ray Tune: search sampling x loss x freeze x lr with ASHA; table in <run>/tune", formatter_class=fmt)
+    _run_arg(p)
+    _train_args(p, tune=True)
+    p.add_argument("--space", type=Path, default=None, help="YAML search space replacing the default grid (see tuning/space.py)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the continuous axes (lr) per grid point")
+    p.add_argument("--sampling-grid", default="none,over,under", help="sampling strategies searched (default grid)")
+    p.add_argument("--loss-grid", default="bce,weighted", help="losses searched (default grid)")
+    p.add_argument("--freeze-grid", default="none,partial,backbone", help="freeze strategies searched (default grid)")
+    p.add_argument("--lr-range", default="1e-4,3e-3", help="log-uniform learning-rate range searched")
+    p.add_argument("--no-asha", action="store_true", help="run every trial to the end (no early stopping)")
+    p.add_argument("--grace-period", type=int, default=1, help="epochs every trial runs before ASHA may stop it")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted search in <run>/tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
     p = verbs.add_parser("demo", help="make a synthetic collection and run every stage on it, locally", formatter_class=fmt)
     _run_arg(p)
     p.add_argument("--patients", type=int, default=120, help="synthetic patients (about 2.5 images each)")
@@ -86,6 +148,24 @@ def dispatch(args: argparse.Namespace) -> str:
             return stages.preprocess_stage(run, args.image_size, num_blocks=args.blocks)
     if args.verb == "eda":
         return stages.eda_stage(run, sample_size=args.sample_size, seed=args.seed)
+    if args.verb == "train":
+        from cxr.runtime import ray_session  # noqa: PLC0415
+
+        cfg = train_config_from(args)
+        with ray_session(args.address):
+            return stages.train_stage(run, cfg)
+    if args.verb == "tune":
+        from cxr.runtime import ray_session  # noqa: PLC0415
+        from tuning.space import default_space, load_space  # noqa: PLC0415
+
+        base = train_config_from(args)
+        if args.space:
+            space = load_space(args.space)
+        else:
+            low, high = _floats(args.lr_range, "--lr-range")
+            space = default_space(lr=(low, high), sampling=args.sampling_grid.split(","), loss=args.loss_grid.split(","), freeze=args.freeze_grid.split(","))
+        with ray_session(args.address):
+            return stages.tune_stage(run, base, space, args.num_samples, asha=not args.no_asha, resume=args.resume, grace_period=args.grace_period)
     if args.verb == "demo":
         from cxr.demo import run_demo  # noqa: PLC0415
 

@@ -191,3 +191,38 @@ def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
         seed=seed,
     )
     return f"eda: {len(result.figures)} figures, summary at {result.summary_html} and {result.summary_md}"
+
+
+def _auroc_lines(metrics: dict, prefix: str = "val_auroc_") -> list[str]:
+    return [f"    {f:<19} {metrics.get(prefix + f, float('nan')):.3f}" for f in FINDINGS]
+
+
+def train_stage(run: RunDir, cfg) -> str:
+    """Ray Train on the run's shards; the best epoch's checkpoint lands in ``<run>/train/best``."""
+    from trainers import fit  # noqa: PLC0415
+
+    result = fit(run.root, cfg)
+    best = result.best_metrics
+    lines = [
+        f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.freeze}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
+        f"{len(result.metrics_history)} epoch(s) on {cfg.workers} worker(s)",
+        f"  best epoch {int(best.get('epoch', 0))}: validation mean AUROC {best.get('val_mean_auroc', float('nan')):.3f}, val_loss {best.get('val_loss', float('nan')):.4f}",
+        "  per-finding validation AUROC (nan = undefined: one class only in validation):",
+        *_auroc_lines(best),
+        f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train / 'history.csv'}",
+    ]
+    return "\n".join(lines)
+
+
+def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, resume: bool, grace_period: int = 1) -> str:
+    """Ray Tune over training strategies; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
+    from tuning import run_search  # noqa: PLC0415
+
+    result = run_search(run.root, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
+    shown = result.table.drop(columns=[c for c in ("error", "backbone") if c in result.table and not result.table[c].astype(bool).any() or c == "backbone"])
+    lines = [
+        f"tune: {len(result.table)} trial(s), {result.trial_epochs} trial-epochs trained ({'ASHA early stopping' if asha else 'no early stopping'})",
+        shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        f"wrote {result.csv}, {result.markdown}" + (f", {result.curves}" if result.curves else "") + (f", best checkpoint {result.best_dir}" if result.best_dir else " (no trial produced a checkpoint)"),
+    ]
+    return "\n".join(lines)

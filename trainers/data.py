@@ -3,8 +3,7 @@
 The shard rows are decoded into three numeric columns in Ray Data's own tasks, so the training
 workers receive ready arrays: ``image`` (uint8 ``(n, S, S)``: 4x smaller than floats in the object
 store and on the wire), ``labels`` (float32, 1/0 and -1 where a label is ignored) and ``key`` (a
-stable 63-bit hash of ``image_id``, used for per-epoch resampling and to split validation rows
-among workers). Scaling to [0, 1], augmentation and normalisation happen on the worker's device
+stable 63-bit hash of ``image_id``: the per-epoch resampling draws from it). Scaling to [0, 1], augmentation and normalisation happen on the worker's device
 (trainers.inputs).
 
 This module is what Ray Data's tasks import to run the functions below: it stays free of torch, so
@@ -16,9 +15,10 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipelines.labels import FINDINGS
-from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split
+from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split, split_dir
 from trainers.sampling import SamplingPlan, resample_rows
 
 SHARD_COLUMNS = [IMAGE_COLUMN, "image_id", *FINDINGS]
@@ -64,10 +64,21 @@ def resampled(ds, plan: SamplingPlan, epoch: int):
     return ds.map_batches(resample_rows, batch_format="numpy", fn_kwargs={"plan": plan, "epoch": epoch})
 
 
+def validation_parts(shards: Path, image_size: int, uncertain: str, parts: int) -> list:
+    """The validation split read once and cached in the object store, cut into ``parts`` pieces
+    of equal row count (one per worker): each epoch then evaluates from memory, every image once."""
+    ds = tensor_dataset(shards, "val", image_size, uncertain).materialize()
+    n = ds.count()
+    if n == 0:
+        raise ValueError(f"the validation split under {shards} is empty: nothing to evaluate")
+    return ds.split_at_indices([round(n * k / parts) for k in range(1, parts)])
+
+
 def train_label_matrix(shards: Path, uncertain: str) -> np.ndarray:
     """The training split's labels ``(n, 14)`` after the uncertainty policy: for class weights and
-    the sampling plan. Reads only the 14 label columns."""
-    df = read_split(shards, "train", columns=list(FINDINGS)).to_pandas()
+    the sampling plan. Reads only the 14 small label columns, directly (a Ray job would cost more
+    to schedule than the read)."""
+    df = pd.read_parquet(split_dir(shards, "train"), columns=list(FINDINGS))
     if df.empty:
         raise ValueError(f"the training split under {shards} is empty")
     return apply_uncertain(df[list(FINDINGS)].to_numpy(), uncertain)

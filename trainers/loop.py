@@ -6,11 +6,11 @@ model, optimizer, scheduler and epoch come from ``ray.train.get_checkpoint()``, 
 sample, shuffle and augmentations are functions of (seed, epoch, rank), so epoch k after a resume
 is the epoch k the lost run would have trained.
 
-Validation: every worker reads the whole (small) validation split but runs the model only on the
-rows whose ``key % world_size`` is its rank, then the predictions are all-gathered. Each image is
-scored exactly once, the compute is shared, and nothing is dropped (Ray's even split of a dataset
-among workers may drop a few rows to make the shards equal, which is right for training, wrong
-for a metric). The unwrapped model is used, so ranks may run different numbers of batches.
+Validation: the split is read once and cached (trainers.data.validation_parts), cut into one part
+per worker; each worker scores its part and the predictions are all-gathered, so every image is
+scored exactly once and the compute is shared. (Ray's even split of a dataset among workers may
+drop a few rows to make the shards equal: right for training, wrong for a metric.) The unwrapped
+model is used, so ranks may run different numbers of batches.
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ from trainers.metrics import auroc_metrics
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
 from trainers.sampling import SamplingPlan
 
-VAL_DATASET = "val"
+def val_dataset_name(rank: int) -> str:
+    """Each worker's own part of the validation split."""
+    return f"val_{rank}"
 
 
 def train_dataset_name(epoch: int, per_epoch: bool) -> str:
@@ -101,32 +103,25 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module,
 
 
 @torch.no_grad()
-def predict_rows(model: nn.Module, batches: Iterable[dict], rank: int, world: int, norm: tuple[float, float],
-                 amp: bool, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of this worker's validation rows (``key % world == rank``)."""
+def predict(model: nn.Module, batches: Iterable[dict], norm: tuple[float, float], amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of ``batches``."""
     model.eval()
     logits, labels = [], []
     for batch in batches:
-        mine = batch["key"] % world == rank
-        if not bool(mine.any()):
-            continue
-        x = _inputs(batch["image"][mine].to(device), None, None, *norm, channels_last=amp)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        x = _inputs(batch["image"], None, None, *norm, channels_last=amp)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits.append(model(x).float().cpu())
-        labels.append(batch["labels"][mine])
+        labels.append(batch["labels"].cpu())
     if not logits:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model: nn.Module, criterion: nn.Module, rank: int, world: int, norm: tuple[float, float], amp: bool,
-             device: torch.device, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, criterion: nn.Module, rank: int, norm: tuple[float, float], amp: bool,
+             batch_size: int) -> dict[str, float]:
     """Validation loss and AUROCs over the whole validation split, gathered from all workers."""
-    shard = ray.train.get_dataset_shard(VAL_DATASET)
-    batches = shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2)
-    parts = [p for p in _all_gather(predict_rows(model, batches, rank, world, norm, amp, device)) if len(p[0])]
-    if not parts:
-        raise ValueError("the validation split is empty: nothing to evaluate")
+    batches = ray.train.get_dataset_shard(val_dataset_name(rank)).iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+    parts = [p for p in _all_gather(predict(model, batches, norm, amp)) if len(p[0])]
     logits = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     val_loss = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels)))
@@ -203,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_all / images_all,
-            **evaluate(core, cpu_criterion, rank, world, norm, amp, device, 2 * cfg.batch_size),
+            **evaluate(core, cpu_criterion, rank, norm, amp, 2 * cfg.batch_size),
             "lr": lr,
             "train_images": int(images_all),
             "train_seconds": slowest,

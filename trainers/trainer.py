@@ -27,8 +27,8 @@ from pipelines.rundir import RunDir
 from pipelines.shards import read_stats
 from trainers.checkpoint import INFO_FILE, MODEL_FILE, read_history
 from trainers.config import TrainConfig
-from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix
-from trainers.loop import VAL_DATASET, train_dataset_name, train_loop_per_worker
+from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
+from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
 from trainers.weights import initial_state_dict
@@ -70,7 +70,8 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
 
     train = tensor_dataset(run.shards, "train", image_size, cfg.uncertain)
-    datasets = {VAL_DATASET: tensor_dataset(run.shards, "val", image_size, cfg.uncertain)}
+    parts = validation_parts(run.shards, image_size, cfg.uncertain, cfg.workers)
+    datasets = {val_dataset_name(rank): part for rank, part in enumerate(parts)}
     memory = None
     if cfg.ingest == "memory":
         memory = ray.put(materialize(train))
@@ -105,8 +106,8 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # Training datasets are split among workers; validation is read whole by each (see loop.py).
-        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != VAL_DATASET]),
+        # Training datasets are split among workers; each validation part goes to its own worker.
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train")]),
     )
 
 

@@ -17,7 +17,7 @@ from trainers import TrainConfig
 from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
 from tuning.trial import run_trial
 
-TRIAL_DRIVER_CPU = 0.05  # the trial function only drives the TorchTrainer; its workers reserve their own CPUs
+TRIAL_DRIVER_CPU = 0.0  # the trial function only waits on its TorchTrainer, whose workers reserve their own CPUs
 SEARCH_NAME = "search"
 
 

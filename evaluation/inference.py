@@ -1,0 +1,90 @@
+"""Batch inference for evaluation: a split's shards -> pixels, labels and the model's probabilities.
+
+A plain torch loop over arrays in memory, not Ray Data: validation and test hold at most a few
+thousand images (224x224 uint8 is 50 KB each, so ~150 MB for 3,000), the robustness study
+perturbs the same pixels about twenty times and needs them in memory anyway, and ``cxr evaluate``
+and ``cxr predict`` then work without a Ray cluster. Training-sized inference would belong in a
+Ray Data ``map_batches`` actor instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import torch
+from torch import nn
+
+from pipelines.labels import FINDINGS
+from pipelines.rundir import RunDir
+from pipelines.shards import IMAGE_COLUMN, images_from_column, split_dir
+
+BATCH_SIZE = 64
+
+
+@dataclass
+class SplitData:
+    """One split in memory: ``images`` ``(n, S, S)`` uint8; ``frame`` has image_id, patient_id and
+    the 14 label columns (int8; -1 uncertain), in the same row order."""
+
+    images: np.ndarray
+    frame: pd.DataFrame
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.frame[list(FINDINGS)].to_numpy(dtype=np.int8)
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> Path:
+    """``checkpoint`` if given, else the run's Tune winner, else its trained model."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    run = RunDir(run_dir)
+    for candidate in (run.tune / "best", run.train / "best"):
+        if (candidate / "model.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no checkpoint in {run.root}: run `cxr train --run {run.root}` (or `cxr tune`) "
+                            "first, or pass --checkpoint PATH")
+
+
+def load_split(run_dir: Path, split: str, image_size: int) -> SplitData:
+    """Read a split's shards (pixels, ids, labels) into memory, sorted by image_id."""
+    path = split_dir(RunDir(run_dir).shards, split)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no shards for split {split!r} at {path}: run `cxr preprocess` first")
+    columns = ["image_id", "patient_id", IMAGE_COLUMN, *FINDINGS]
+    table = pads.dataset(str(path), format="parquet", partitioning=None).to_table(columns=columns)
+    frame = table.to_pandas().sort_values("image_id", kind="mergesort").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"the {split} split under {path} is empty")
+    size_found = int(round(np.sqrt(len(frame[IMAGE_COLUMN].iat[0]))))
+    if size_found != image_size:
+        raise ValueError(f"the shards hold {size_found}x{size_found} images but the checkpoint expects "
+                         f"{image_size}x{image_size}: evaluate a checkpoint trained on this run's shards")
+    images = images_from_column(frame.pop(IMAGE_COLUMN).to_list(), image_size)
+    frame["image_id"] = frame["image_id"].astype(str)
+    frame["patient_id"] = frame["patient_id"].astype(str)
+    return SplitData(images, frame)
+
+
+def predict_arrays(model: nn.Module, info: dict, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Sigmoid probabilities ``(n, findings)`` for uint8 images ``(n, S, S)``."""
+    from trainers.checkpoint import prepare_input  # noqa: PLC0415 - torch-heavy, imported with the model
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            out.append(torch.sigmoid(model(prepare_input(batch, info))).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(info["findings"])), np.float32)
+
+
+def prediction_frame(data: SplitData, probs: np.ndarray, findings: list[str]) -> pd.DataFrame:
+    """The predictions table of the contract: ids, one label column per finding, ``prob_<finding>``."""
+    frame = data.frame[["image_id", "patient_id", *FINDINGS]].copy()
+    for j, name in enumerate(findings):
+        frame[f"prob_{name}"] = probs[:, j].astype(np.float32)
+    return frame

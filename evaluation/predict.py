@@ -1,0 +1,47 @@
+"""Predict from a saved checkpoint on image files: no run directory, no Ray."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evaluation.inference import predict_arrays
+from pipelines.imaging import DecodeError, decode_file
+
+
+def decode_images(paths: list[Path], image_size: int) -> np.ndarray:
+    """Decode files exactly as preprocessing does (``decode_file``), so the model sees the same
+    pixels it was trained on. A file that cannot be decoded is an error that names it."""
+    pixels = []
+    for path in paths:
+        try:
+            pixels.append(decode_file(Path(path), image_size).pixels)
+        except DecodeError as err:
+            raise DecodeError(f"{path}: {err}") from None
+    return np.stack(pixels) if pixels else np.zeros((0, image_size, image_size), np.uint8)
+
+
+def predict_images(checkpoint: Path, images: list[Path]) -> pd.DataFrame:
+    """One row per image: ``image`` (the path) and ``prob_<finding>`` for every finding of the
+    checkpoint (sigmoid outputs: independent probabilities, they need not sum to 1)."""
+    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    model, info = load_checkpoint(Path(checkpoint))
+    probs = predict_arrays(model, info, decode_images(images, int(info["image_size"])))
+    frame = pd.DataFrame({"image": [str(p) for p in images]})
+    for j, name in enumerate(info["findings"]):
+        frame[f"prob_{name}"] = probs[:, j]
+    return frame
+
+
+def format_predictions(frame: pd.DataFrame) -> str:
+    """A terminal-friendly listing: per image, every finding with its probability, highest first."""
+    blocks = []
+    for _, row in frame.iterrows():
+        probs = {c.removeprefix("prob_"): float(row[c]) for c in frame.columns if c.startswith("prob_")}
+        width = max(map(len, probs), default=0)
+        lines = [str(row["image"])]
+        lines += [f"  {name:<{width}}  {p:.3f}" for name, p in sorted(probs.items(), key=lambda kv: -kv[1])]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

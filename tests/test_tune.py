@@ -1,0 +1,66 @@
+"""Strategy search on a real local Ray: a 4-trial grid over tiny synthetic shards."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from ray import tune
+
+from pipelines.labels import FINDINGS
+from tests.train_fixtures import write_run
+from trainers import TrainConfig, load_checkpoint, prepare_input
+from tuning import default_space, load_space, run_search
+from tuning.search import max_concurrent_trials
+
+pytestmark = pytest.mark.ray
+
+BASE = dict(backbone="resnet18", weights="none", freeze="none", batch_size=8, workers=1, cpus_per_worker=0.5, shuffle_buffer=16, epochs=2)
+
+
+def test_four_trial_search_writes_a_sorted_table_and_a_loadable_best(ray_local, tmp_path):
+    run = write_run(tmp_path / "run", n_train=48, n_val=24, image_size=32)
+    space = default_space(lr=(1e-3, 3e-3), sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",))
+    result = run_search(run, TrainConfig(**BASE), space, num_samples=1, asha=False)
+
+    table = pd.read_csv(run / "tune" / "results.csv")
+    assert len(table) == 4
+    assert {"sampling", "loss", "freeze", "lr", "status", "epochs", "best_val_mean_auroc", "weakest_findings"} <= set(table.columns)
+    assert set(zip(table["sampling"], table["loss"])) == {("none", "bce"), ("none", "weighted"), ("over", "bce"), ("over", "weighted")}
+    scores = table["best_val_mean_auroc"].tolist()
+    assert scores == sorted(scores, reverse=True)
+    assert (table["status"] == "completed").all() and (table["epochs"] == 2).all()
+    assert all(len(w.split(", ")) == 3 for w in table["weakest_findings"])
+    assert "| sampling" in (run / "tune" / "results.md").read_text()
+    assert result.curves is not None and result.curves.exists()
+
+    model, info = load_checkpoint(run / "tune" / "best")
+    assert info["findings"] == list(FINDINGS)
+    assert info["metrics"]["val_mean_auroc"] == pytest.approx(scores[0])  # the best trial's best epoch
+    x = prepare_input(torch.zeros((2, 32, 32), dtype=torch.uint8), info)
+    assert model(x).shape == (2, len(FINDINGS))
+
+
+def test_space_yaml_and_its_errors(tmp_path):
+    good = tmp_path / "space.yaml"
+    good.write_text("sampling: {grid: [none, under]}\nlr: {loguniform: [1.0e-4, 1.0e-2]}\nbatch_size: 16\n")
+    space = load_space(good)
+    assert space["batch_size"] == 16 and space["sampling"] == tune.grid_search(["none", "under"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    with pytest.raises(ValueError, match="unknown parameter 'learning_rate'"):
+        load_space(bad)
+    bad.write_text("lr: {normal: [0, 1]}\n")
+    with pytest.raises(ValueError, match="lr must be one of"):
+        load_space(bad)
+
+
+def test_concurrency_leaves_a_cpu_for_reads_and_counts_gpus():
+    cpu = TrainConfig(**{**BASE, "workers": 2})
+    assert max_concurrent_trials(cpu, {"CPU": 2}) == 1
+    assert max_concurrent_trials(cpu, {"CPU": 8}) == 7
+    gpu = TrainConfig(**{**BASE, "workers": 1, "gpus_per_worker": 0.5, "cpus_per_worker": 2})
+    assert max_concurrent_trials(gpu, {"CPU": 32, "GPU": 4}) == 8
+    with pytest.raises(ValueError, match="one trial needs"):
+        max_concurrent_trials(cpu, {"CPU": 1})
