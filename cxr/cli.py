@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=120, help="synthetic patients (about 2.5 images each)")
     p.add_argument("--image-size", type=int, default=64, help="preprocessed image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed for the collection and the split")
+    p.add_argument("--no-tune", action="store_true", help="skip the strategy search (faster)")
     return parser
 
 
@@ -169,7 +170,7 @@ def dispatch(args: argparse.Namespace) -> str:
     if args.verb == "demo":
         from cxr.demo import run_demo  # noqa: PLC0415
 
-        return run_demo(run, patients=args.patients, image_size=args.image_size, seed=args.seed)
+        return run_demo(run, patients=args.patients, image_size=args.image_size, seed=args.seed, tune=not args.no_tune)
     raise AssertionError(args.verb)
 
 

@@ -32,9 +32,9 @@ class SplitData:
     images: np.ndarray
     frame: pd.DataFrame
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.frame[list(FINDINGS)].to_numpy(dtype=np.int8)
+    def labels(self, findings: list[str]) -> np.ndarray:
+        """``(n, len(findings))`` int8 labels, columns in the order of ``findings``."""
+        return self.frame[list(findings)].to_numpy(dtype=np.int8)
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> Path:
@@ -63,7 +63,7 @@ def load_split(run_dir: Path, split: str, image_size: int) -> SplitData:
     if size_found != image_size:
         raise ValueError(f"the shards hold {size_found}x{size_found} images but the checkpoint expects "
                          f"{image_size}x{image_size}: evaluate a checkpoint trained on this run's shards")
-    images = images_from_column(frame.pop(IMAGE_COLUMN).to_list(), image_size)
+    images = images_from_column(frame.pop(IMAGE_COLUMN).to_list(), image_size).copy()  # writable, for torch
     frame["image_id"] = frame["image_id"].astype(str)
     frame["patient_id"] = frame["patient_id"].astype(str)
     return SplitData(images, frame)

@@ -26,9 +26,10 @@ from trainers.checkpoint import model_info, save_checkpoint
 from trainers.inputs import standardize, to_unit
 from trainers.models import build_model
 
-IMAGE_SIZE = 96  # ResNet18's last stage is 3x3 here: coarse, but enough to tell left from right and top from bottom
-N_PATIENTS = 110
-EPOCHS = 10
+IMAGE_SIZE = 112  # ResNet18's last stage is 4x4 here: coarse, but enough to point at a lung base or the heart
+N_PATIENTS = 60
+EPOCHS = 6
+BATCH_SIZE = 16
 
 
 @dataclass
@@ -40,30 +41,38 @@ class PhantomRun:
     train_seconds: float
 
 
-def write_phantom_run(root: Path, n_patients: int = N_PATIENTS, image_size: int = IMAGE_SIZE, seed: int = 0) -> RunDir:
-    """Phantoms -> manifest, patient split, shards, stats.json, source.json, split_report.json."""
+def write_run(root: Path, labels_csv: Path, images: Path, image_size: int, test_frac: float, val_frac: float,
+              min_positives: int, seed: int = 0) -> RunDir:
+    """An NIH-style collection -> manifest, patient split, shards (decoded once, in this process),
+    stats.json, source.json and split_report.json: what ingest, split and preprocess write."""
     run = RunDir(root).ensure()
-    collection = make_collection(run.root / "phantoms", n_patients=n_patients, image_size=image_size, seed=seed)
-    manifest = ingest("nih", collection.labels_csv, collection.images).manifest
-    splits = split_patients(manifest, test_frac=0.25, val_frac=0.2, min_positives=3, seed=seed).splits
+    manifest = ingest("nih", labels_csv, images).manifest
+    splits = split_patients(manifest, test_frac=test_frac, val_frac=val_frac, min_positives=min_positives, seed=seed).splits
     manifest.to_parquet(run.manifest, index=False)
     splits.to_parquet(run.splits, index=False)
     merged = manifest.merge(splits[["image_id", "split"]], on="image_id")
+    train_pixels = None
     for split, part in merged.groupby("split"):
+        pixels = np.stack([decode_file(images / p, image_size).pixels for p in part["path"]])
         rows = part[["image_id", "patient_id", *FINDINGS]].copy()
-        rows["image"] = [decode_file(collection.images / p, image_size).pixels.tobytes() for p in part["path"]]
+        rows["image"] = [p.tobytes() for p in pixels]
         out = run.shards / f"split={split}"
         out.mkdir(parents=True, exist_ok=True)
         rows.to_parquet(out / "part-0.parquet", index=False)
-    train = merged[merged["split"] == "train"]
-    pixels = np.stack([decode_file(collection.images / p, image_size).pixels for p in train["path"]]) / 255.0
-    run.stats.write_text(json.dumps({"image_size": image_size, "mean": float(pixels.mean()), "std": float(pixels.std())}))
-    run.source_json.write_text(json.dumps({"source": "nih", "label_file": str(collection.labels_csv),
-                                           "images": str(collection.images)}))
+        train_pixels = pixels / 255.0 if split == "train" else train_pixels
+    run.stats.write_text(json.dumps({"image_size": image_size, "mean": float(train_pixels.mean()),
+                                     "std": float(train_pixels.std())}))
+    run.source_json.write_text(json.dumps({"source": "nih", "label_file": str(labels_csv), "images": str(images)}))
     counts = merged.groupby("split").agg(images=("image_id", "size"), patients=("patient_id", "nunique"))
     run.split_report.write_text(json.dumps({"counts": {s: {k: int(v) for k, v in r.items()} for s, r in counts.iterrows()},
                                             "patients_in_two_splits": 0}))
     return run
+
+
+def write_phantom_run(root: Path, n_patients: int = N_PATIENTS, image_size: int = IMAGE_SIZE, seed: int = 0) -> RunDir:
+    """A phantom collection (with its box list beside the label file) as a run directory."""
+    collection = make_collection(Path(root) / "phantoms", n_patients=n_patients, image_size=image_size, seed=seed)
+    return write_run(root, collection.labels_csv, collection.images, image_size, 0.25, 0.2, 3, seed)
 
 
 def _split_arrays(run: RunDir, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +81,7 @@ def _split_arrays(run: RunDir, split: str, size: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(images.copy()), torch.from_numpy(frame[list(FINDINGS)].to_numpy(np.float32).clip(0, 1))
 
 
-def train_tiny(run: RunDir, epochs: int = EPOCHS, seed: int = 0) -> Path:
+def train_tiny(run: RunDir, epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, seed: int = 0) -> Path:
     """A ResNet18 from random weights, trained a few epochs on the train split (weighted BCE);
     writes ``<run>/train/best`` and ``<run>/train/history.csv`` like ``cxr train``."""
     torch.manual_seed(seed)
@@ -91,13 +100,13 @@ def train_tiny(run: RunDir, epochs: int = EPOCHS, seed: int = 0) -> Path:
         model.train()
         order = torch.randperm(len(images), generator=generator)
         total = 0.0
-        for start in range(0, len(order), 32):
-            idx = order[start:start + 32]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
             loss = criterion(model(standardize(to_unit(images[idx]), mean, std)), labels[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         model.eval()
         with torch.no_grad():
             val_loss = float(criterion(model(standardize(to_unit(val_images), mean, std)), val_labels))
@@ -109,12 +118,37 @@ def train_tiny(run: RunDir, epochs: int = EPOCHS, seed: int = 0) -> Path:
     return best
 
 
+_BUILT: dict[str, object] = {}  # one build per test session, whichever test modules import the fixtures
+
+
 @pytest.fixture(scope="session")
 def phantom_run(tmp_path_factory) -> PhantomRun:
-    """One trained phantom run for every evaluation test of the session (built once: ~30-60 s)."""
-    torch.set_num_threads(2)
-    run = write_phantom_run(tmp_path_factory.mktemp("eval") / "run")
-    start = time.perf_counter()
-    checkpoint = train_tiny(run)
-    phantoms = run.root / "phantoms"
-    return PhantomRun(run, checkpoint, phantoms / "BBox_List_2017.csv", phantoms / "images", time.perf_counter() - start)
+    """One trained phantom run for every evaluation test of the session (built once)."""
+    if "run" not in _BUILT:
+        torch.set_num_threads(2)
+        run = write_phantom_run(tmp_path_factory.mktemp("eval") / "run")
+        start = time.perf_counter()
+        checkpoint = train_tiny(run)
+        phantoms = run.root / "phantoms"
+        _BUILT["run"] = PhantomRun(run, checkpoint, phantoms / "BBox_List_2017.csv", phantoms / "images",
+                                   time.perf_counter() - start)
+    return _BUILT["run"]
+
+
+@dataclass
+class Evaluated:
+    phantom: PhantomRun
+    evaluation: object  # evaluation.EvalResult
+    explanation: object  # evaluation.ExplainResult
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(phantom_run) -> Evaluated:
+    """The phantom run after ``evaluate_run`` and ``explain_run`` (what ``cxr report`` reads)."""
+    if "evaluated" not in _BUILT:
+        from evaluation import evaluate_run, explain_run
+
+        evaluation = evaluate_run(phantom_run.run.root, n_boot=200, seed=0)
+        explanation = explain_run(phantom_run.run.root, max_images=6, max_boxed=40)
+        _BUILT["evaluated"] = Evaluated(phantom_run, evaluation, explanation)
+    return _BUILT["evaluated"]

@@ -16,7 +16,7 @@ from trainers.augment import Augment, augment_batch
 from trainers.checkpoint import load_checkpoint, model_info, prepare_input, read_history, save_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import apply_uncertain, row_keys, to_tensor_batch
-from trainers.inputs import memory_batches
+from trainers.inputs import StartedIterator, memory_batches
 from trainers.losses import MultiLabelBCE, class_weights, make_criterion
 from trainers.metrics import auroc_metrics, mean_auroc, per_finding_auroc
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
@@ -256,6 +256,18 @@ def test_memory_batches_give_each_rank_an_equal_disjoint_share():
     seen = [torch.cat([b["key"] for b in memory_batches(arrays, plan, 0, r, 2, 5, torch.device("cpu"))]) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 10  # 11 rows each, full batches of 5 only
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_started_iterator_yields_everything_once_and_reraises_in_the_consumer():
+    assert list(StartedIterator(range(5))) == [0, 1, 2, 3, 4]
+    assert list(StartedIterator([])) == []
+
+    def broken():
+        raise OSError("shard unreadable")
+        yield
+
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(StartedIterator(broken()))
 
 
 def test_auroc_is_nan_for_a_single_class_and_left_out_of_the_mean():

@@ -71,7 +71,7 @@ def validation_parts(shards: Path, image_size: int, uncertain: str, parts: int) 
     n = ds.count()
     if n == 0:
         raise ValueError(f"the validation split under {shards} is empty: nothing to evaluate")
-    return ds.split_at_indices([round(n * k / parts) for k in range(1, parts)])
+    return ds.split_at_indices([round(n * k / parts) for k in range(1, parts)]) if parts > 1 else [ds]
 
 
 def train_label_matrix(shards: Path, uncertain: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 and the in-memory batch source the ingest benchmark uses as its upper bound."""
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -33,3 +34,36 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Standardise with the training split's intensity statistics (stats.json, 0..1 units)."""
     return (x - mean) / std
+
+
+class StartedIterator:
+    """Iterates ``iterable``, but pulls its first item in a background thread from construction on.
+
+    Ray Data starts an epoch's execution (listing files, launching read tasks) when the first batch
+    is asked for; the training loop builds the next epoch's iterator with this before it validates,
+    so that start-up overlaps validation and checkpointing instead of stalling the next epoch.
+    """
+
+    _EMPTY = object()
+
+    def __init__(self, iterable) -> None:
+        self._iterator = iter(iterable)
+        self._first, self._error = self._EMPTY, None
+        self._thread = threading.Thread(target=self._pull, daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = next(self._iterator)
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+            self._error = err
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not self._EMPTY:
+            yield self._first
+            yield from self._iterator

@@ -15,6 +15,7 @@ model is used, so ranks may run different numbers of batches.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 import time
@@ -32,11 +33,12 @@ from torch import nn
 from trainers.augment import Augment, augment_batch
 from trainers.checkpoint import MODEL_FILE, model_info, read_history, read_train_state, save_checkpoint
 from trainers.config import TrainConfig
-from trainers.inputs import memory_batches, standardize, to_unit
+from trainers.inputs import StartedIterator, memory_batches, standardize, to_unit
 from trainers.losses import MultiLabelBCE
 from trainers.metrics import auroc_metrics
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
 from trainers.sampling import SamplingPlan
+
 
 def val_dataset_name(rank: int) -> str:
     """Each worker's own part of the validation split."""
@@ -81,12 +83,16 @@ def _inputs(images: torch.Tensor, aug: Augment | None, generator: torch.Generato
 
 def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 aug: Augment | None, generator: torch.Generator, norm: tuple[float, float], amp: bool,
-                after_first_step: Callable[[], None] | None = None) -> tuple[float, int, float]:
-    """One pass over ``batches``; returns (summed loss x images, images, seconds) for this worker."""
+                after_first_step: Callable[[], None] | None = None) -> tuple[float, int, float, float]:
+    """One pass over ``batches``; returns (summed loss x images, images, seconds, seconds until the
+    first batch arrived) for this worker. The last separates the input pipeline's start-up from
+    its steady state."""
     set_train_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    images, start = 0, time.perf_counter()
+    images, start, first_batch = 0, time.perf_counter(), math.nan
     for batch in batches:
+        if images == 0:
+            first_batch = time.perf_counter() - start
         x = _inputs(batch["image"], aug, generator, *norm, channels_last=amp)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
@@ -99,7 +105,7 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module,
         if images == len(x) and after_first_step is not None:
             after_first_step()
     total = float(loss_sum)  # one device sync per epoch, not per step
-    return total, images, time.perf_counter() - start
+    return total, images, time.perf_counter() - start, first_batch
 
 
 @torch.no_grad()
@@ -174,26 +180,34 @@ def train_loop_per_worker(config: dict) -> None:
     memory = ray.get(config["memory"]) if config.get("memory") is not None else None
     num_nodes = len(set(_all_gather(ray.get_runtime_context().get_node_id())))
 
+    def epoch_batches(epoch: int) -> StartedIterator | None:
+        """This worker's training batches of ``epoch``, already starting to arrive."""
+        if epoch >= cfg.epochs:
+            return None
+        if memory is not None:
+            return StartedIterator(memory_batches(memory, plan, epoch, rank, world, cfg.batch_size, device))
+        shard = ray.train.get_dataset_shard(train_dataset_name(epoch, per_epoch))
+        return StartedIterator(shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 1_000_003 + epoch * 1_009 + rank,
+        ))
+
+    upcoming = epoch_batches(start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
-        if memory is not None:
-            batches = memory_batches(memory, plan, epoch, rank, world, cfg.batch_size, device)
-        else:
-            shard = ray.train.get_dataset_shard(train_dataset_name(epoch, per_epoch))
-            batches = shard.iter_torch_batches(
-                batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2,
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=cfg.seed * 1_000_003 + epoch * 1_009 + rank,
-            )
+        batches = upcoming
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum, images, seconds = train_epoch(
+        loss_sum, images, seconds, first_batch = train_epoch(
             model, batches, criterion, optimizer, aug, generator, norm, amp,
             after_first_step=lambda: _maybe_fail(cfg, epoch, rank, world),  # noqa: B023 - called within this epoch
         )
         loss_all, images_all = _all_sum([loss_sum, images], device)
-        slowest = max(_all_gather(seconds))
+        timings = _all_gather((seconds, first_batch))
+        slowest = max(t[0] for t in timings)
         if images_all == 0:
             raise ValueError(f"no full training batch of {cfg.batch_size} reached the workers: lower --batch-size")
+        upcoming = epoch_batches(epoch + 1)  # all workers are done with this epoch's data
         scheduler.step()
         metrics = {
             "epoch": epoch + 1,
@@ -202,7 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": lr,
             "train_images": int(images_all),
             "train_seconds": slowest,
-            "train_images_per_s": images_all / slowest if slowest > 0 else float("nan"),
+            "train_images_per_s": images_all / slowest if slowest > 0 else math.nan,
+            "train_first_batch_s": max(t[1] for t in timings),
             "world_size": world,
             "num_nodes": num_nodes,
             "start_epoch": start_epoch,

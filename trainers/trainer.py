@@ -10,6 +10,7 @@ checkpoints, whose latest is what a restarted or re-run training resumes from).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -86,12 +87,14 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
         "mean": float(stats["mean"]),
         "std": float(stats["std"]),
         "class_weights": [w.tolist() for w in weights] if weights is not None else None,
-        "plan": plan.__dict__,
+        "plan": dataclasses.asdict(plan),
         "init_weights": ray.put(init) if init is not None else None,
         "memory": memory,
     }
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
-    storage = Path(storage_path) if storage_path else run.train / "ray"
+    storage = storage_path or str(run.train / "ray")
+    if "://" not in storage:  # Ray Train wants an absolute local path (or a URI: s3://, gs://, ...)
+        storage = str(Path(storage).expanduser().resolve())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -99,7 +102,7 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=name or _run_name(cfg, stats),
-            storage_path=str(storage.expanduser().resolve()) if "://" not in str(storage) else str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),

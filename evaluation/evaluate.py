@@ -1,0 +1,197 @@
+"""``cxr evaluate``: score a checkpoint on the test split and write ``<run>/eval/``.
+
+Thresholds are chosen on validation and only reported on test; intervals resample patients. Files:
+``predictions.parquet`` (test) and ``val_predictions.parquet``, ``metrics.json``,
+``robustness.csv``, ``subgroups.csv`` and ``figures/*.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evaluation import figures
+from evaluation.bootstrap import bootstrap_auroc, mean_replicates, percentile_interval
+from evaluation.calibration import expected_calibration_error
+from evaluation.inference import load_split, predict_arrays, prediction_frame, resolve_checkpoint
+from evaluation.metrics import auroc, average_precision, nan_to_none, prevalence
+from evaluation.operating_points import choose_threshold, operating_metrics
+from evaluation.robustness import robustness_table
+from evaluation.subgroups import MEAN, subgroup_table
+from pipelines.labels import FINDINGS
+from pipelines.rundir import RunDir
+
+META_COLUMNS = ("sex", "age", "view")
+VIEW_SHIFT_NOTE = (
+    "AUROC of the one model on PA-only and on AP-only test images. A true view-shift experiment "
+    "(train on one view, test on the other) needs a model trained on one view only: run `cxr train` "
+    "on a run whose manifest holds one view, then evaluate it here."
+)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    metrics: dict
+    predictions: pd.DataFrame  # test split
+    robustness: pd.DataFrame | None
+    subgroups: pd.DataFrame | None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A short table for the terminal: per-finding AUROC with interval, AP and the operating point."""
+        m = self.metrics
+        lines = [f"evaluate: {m['n_images']} test images of {m['n_patients']} patients; checkpoint {m['checkpoint']}",
+                 f"  {'finding':<19}{'AUROC':>7}  {'95% CI':<13}{'AP':>6}{'prev':>7}{'sens':>7}{'spec':>7}"]
+        for name, f in m["per_finding"].items():
+            if f["auroc"] is None:
+                lines.append(f"  {name:<19}{'undefined':>9}  ({f['note']})")
+                continue
+            lines.append(f"  {name:<19}{f['auroc']:>7.3f}  {_ci(f):<13}{_num(f['ap']):>6}{_num(f['prevalence']):>7}"
+                         f"{_num(f['sensitivity']):>7}{_num(f['specificity']):>7}")
+        mean = m["mean"]
+        lines.append(f"  {'mean':<19}{_num(mean['auroc'], 3):>7}  {_ci(mean)} over {len(mean['findings'])} findings")
+        lines.append(f"wrote {self.out_dir}")
+        return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(figure: dict) -> str:
+    return "-" if figure.get("ci_low") is None else f"{figure['ci_low']:.3f}-{figure['ci_high']:.3f}"
+
+
+def _undefined_note(n_pos: int, n_neg: int) -> str | None:
+    if n_pos == 0 and n_neg == 0:
+        return "no labelled test images"
+    if n_pos == 0:
+        return "no positive test images"
+    if n_neg == 0:
+        return "no negative test images"
+    return None
+
+
+def finding_metrics(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarray, val_labels: np.ndarray,
+                    val_probs: np.ndarray, rule: str = "youden") -> dict:
+    """Every figure of one finding on test, its threshold chosen on validation."""
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    ci = percentile_interval(replicates)
+    threshold = choose_threshold(val_labels, val_probs, rule)
+    return {
+        "auroc": nan_to_none(auroc(labels, probs)),
+        "ci_low": nan_to_none(ci.low), "ci_high": nan_to_none(ci.high), "n_boot_valid": ci.n_valid,
+        "ap": nan_to_none(average_precision(labels, probs)),
+        "prevalence": nan_to_none(prevalence(labels)),
+        "n_positive": n_pos, "n_negative": n_neg,
+        "note": _undefined_note(n_pos, n_neg),
+        **operating_metrics(labels, probs, threshold),
+        "ece": nan_to_none(expected_calibration_error(labels, probs)),
+    }
+
+
+def _with_meta(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
+    """Add sex, age and view from the manifest (for subgroups), where the run has one."""
+    if not run.manifest.exists():
+        return frame
+    manifest = pd.read_parquet(run.manifest, columns=["image_id", *META_COLUMNS])
+    manifest["image_id"] = manifest["image_id"].astype(str)
+    return frame.merge(manifest, on="image_id", how="left")
+
+
+def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
+    if subgroups is None or subgroups.empty:
+        return None
+    rows = subgroups[(subgroups["attribute"] == "view") & (subgroups["finding"] == MEAN)]
+    if rows.empty:
+        return None
+    views = {r.group: {"mean_auroc": nan_to_none(r.auroc), "ci_low": nan_to_none(r.ci_low),
+                       "ci_high": nan_to_none(r.ci_high), "n_images": int(r.n_images)} for r in rows.itertuples()}
+    return {**views, "note": VIEW_SHIFT_NOTE}
+
+
+def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
+                 robustness: bool = True, threshold_rule: str = "youden") -> EvalResult:
+    """Evaluate ``checkpoint`` (default: ``<run>/tune/best``, else ``<run>/train/best``) on the
+    run's test split; write ``<run>/eval/``."""
+    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when evaluating
+
+    run = RunDir(run_dir)
+    checkpoint = resolve_checkpoint(run.root, checkpoint)
+    model, info = load_checkpoint(checkpoint)
+    findings, size = list(info["findings"]), int(info["image_size"])
+    unknown = sorted(set(findings) - set(FINDINGS))
+    if unknown:
+        raise ValueError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
+    test, val = load_split(run.root, "test", size), load_split(run.root, "val", size)
+    test_probs = predict_arrays(model, info, test.images)
+    val_probs = predict_arrays(model, info, val.images)
+    frame = _with_meta(prediction_frame(test, test_probs, findings), run)
+    labels, val_labels = test.labels(findings), val.labels(findings)
+    patients = frame["patient_id"].to_numpy()
+
+    replicates = bootstrap_auroc(labels, test_probs, patients, n_boot, seed)
+    per_finding = {name: finding_metrics(labels[:, j], test_probs[:, j], replicates[:, j], val_labels[:, j],
+                                         val_probs[:, j], threshold_rule) for j, name in enumerate(findings)}
+    defined = [j for j, name in enumerate(findings) if per_finding[name]["auroc"] is not None]
+    mean_ci = percentile_interval(mean_replicates(replicates, defined))
+    mean = {
+        "auroc": nan_to_none(np.mean([per_finding[findings[j]]["auroc"] for j in defined]) if defined else math.nan),
+        "ci_low": nan_to_none(mean_ci.low), "ci_high": nan_to_none(mean_ci.high), "n_boot_valid": mean_ci.n_valid,
+        "ap": nan_to_none(np.mean([per_finding[findings[j]]["ap"] for j in defined]) if defined else math.nan),
+        "findings": [findings[j] for j in defined],
+    }
+
+    out = run.eval
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out / "predictions.parquet", index=False)
+    _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
+    shown = [findings[j] for j in defined]
+    made: dict[str, Path] = {}
+    if shown:
+        made["roc"] = figures.roc_grid(frame, shown, per_finding, out / "figures" / "roc.png")
+        made["pr"] = figures.pr_grid(frame, shown, per_finding, out / "figures" / "pr.png")
+        made["calibration"] = figures.reliability_grid(frame, shown, per_finding, out / "figures" / "calibration.png")
+
+    robust = None
+    if robustness and shown:
+        robust = robustness_table(lambda images: predict_arrays(model, info, images), test.images, labels, findings,
+                                  seed=seed, clean_probs=test_probs)
+        robust.to_csv(out / "robustness.csv", index=False)
+        made["robustness"] = figures.robustness_plot(robust, out / "figures" / "robustness.png")
+
+    groups = None
+    if any(c in frame for c in META_COLUMNS):
+        overall = {name: (per_finding[name]["auroc"] if per_finding[name]["auroc"] is not None else math.nan)
+                   for name in findings}
+        groups = subgroup_table(frame, findings, overall, n_boot=n_boot, seed=seed)
+        groups.to_csv(out / "subgroups.csv", index=False)
+        if not groups.empty and shown:
+            made["subgroups"] = figures.subgroup_plot(groups, mean, out / "figures" / "subgroups.png")
+
+    metrics = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "backbone": info.get("backbone"),
+        "image_size": size,
+        "split": "test",
+        "n_images": int(len(frame)),
+        "n_patients": int(frame["patient_id"].nunique()),
+        "val_images": int(len(val.frame)),
+        "bootstrap": {"unit": "patient", "n_boot": n_boot, "seed": seed, "level": 0.95, "method": "percentile"},
+        "operating_point": {"rule": threshold_rule, "chosen_on": "val"},
+        "per_finding": per_finding,
+        "mean": mean,
+        "mean_auroc": mean["auroc"],
+        "view_shift": _view_shift(groups),
+        "files": {"predictions": "predictions.parquet", "val_predictions": "val_predictions.parquet",
+                  **({"robustness": "robustness.csv"} if robust is not None else {}),
+                  **({"subgroups": "subgroups.csv"} if groups is not None else {})},
+        "figures": {k: str(p.relative_to(out)) for k, p in made.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return EvalResult(out, metrics, frame, robust, groups, made)

@@ -1,0 +1,461 @@
+"""``cxr report``: one self-contained HTML page per run, readable by a clinician.
+
+Everything the page shows is read from the run directory (the stages' files), figures are
+embedded as base64 PNG so the page can be mailed or archived alone, and a section appears only
+where the run has what it needs. Links go to the Great Expectations Data Docs and the EDA page,
+which stay in the run directory beside it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.labels import FINDINGS
+from pipelines.rundir import RunDir
+
+REPORT_FILE = "report.html"
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+CSS = """
+:root { --ink:#1d2733; --muted:#5b6675; --line:#dfe4ea; --accent:#1f5fa8; --head:#12355b; --soft:#f4f7fb;
+        --good:#1e7b45; --bad:#b3261e; --warn:#a15c00; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+       color:var(--ink); background:#eef1f5; }
+header { background:var(--head); color:#fff; padding:28px 40px 22px; }
+header h1 { margin:0 0 4px; font-size:26px; font-weight:650; letter-spacing:.2px; }
+header .sub { color:#c9d6e6; font-size:14px; }
+nav { background:#fff; border-bottom:1px solid var(--line); padding:8px 40px; position:sticky; top:0; z-index:2;
+      font-size:13.5px; }
+nav a { color:var(--accent); text-decoration:none; margin-right:16px; white-space:nowrap; }
+main { max-width:1180px; margin:0 auto; padding:22px 28px 60px; }
+section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:20px 26px 22px; margin:0 0 20px; }
+h2 { margin:0 0 6px; font-size:20px; color:var(--head); }
+h3 { margin:18px 0 6px; font-size:16px; color:var(--head); }
+p.howto { margin:0 0 14px; padding:8px 12px; background:var(--soft); border-left:4px solid var(--accent);
+          color:#33414f; font-size:14px; border-radius:0 6px 6px 0; }
+p.note { color:var(--muted); font-size:13.5px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:14px; }
+.card { background:var(--soft); border:1px solid var(--line); border-radius:8px; padding:12px 16px; }
+.card .label { color:var(--muted); font-size:12.5px; text-transform:uppercase; letter-spacing:.5px; }
+.card .value { font-size:24px; font-weight:650; color:var(--head); }
+.card .detail { color:var(--muted); font-size:13px; }
+table { border-collapse:collapse; width:100%; font-size:14px; margin:6px 0 10px; }
+table.compact { width:auto; min-width:420px; }
+th { text-align:left; background:var(--soft); color:#33414f; font-weight:600; border-bottom:2px solid var(--line);
+     padding:6px 10px; white-space:nowrap; }
+td { border-bottom:1px solid var(--line); padding:5px 10px; vertical-align:middle; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+tr.undefined td { color:var(--muted); font-style:italic; }
+tr.total td { font-weight:650; border-top:2px solid var(--line); }
+.badge { display:inline-block; padding:1px 9px; border-radius:10px; font-size:12.5px; font-weight:600; color:#fff; }
+.badge.pass { background:var(--good); } .badge.fail { background:var(--bad); } .badge.warn { background:var(--warn); }
+.bar { position:relative; width:150px; height:14px; background:linear-gradient(90deg,#f6f7f9,#eef2f7);
+       border-radius:7px; border:1px solid var(--line); }
+.bar .ci { position:absolute; top:4px; height:4px; background:#9dbbe0; border-radius:2px; }
+.bar .pt { position:absolute; top:1px; width:10px; height:10px; margin-left:-5px; border-radius:50%; background:var(--accent); }
+.bar .half { position:absolute; top:0; bottom:0; left:50%; border-left:1px dashed #aab2bd; }
+figure { margin:10px 0 14px; }
+figure img { max-width:100%; border:1px solid var(--line); border-radius:6px; background:#fff; }
+figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
+.gallery { display:grid; grid-template-columns:repeat(auto-fill,minmax(340px,1fr)); gap:14px; }
+.gallery figure { margin:0; }
+.gallery figcaption { font-size:12.5px; }
+details summary { cursor:pointer; color:var(--accent); margin:6px 0; }
+a { color:var(--accent); }
+footer { color:var(--muted); font-size:12.5px; text-align:center; padding:10px; }
+"""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
+
+
+def _ci(low, high, digits: int = 2) -> str:
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return "—"
+    return f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def _image(path: Path, alt: str, caption: str = "") -> str:
+    """A PNG embedded as base64 (the page stays one file)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    cap = f"<figcaption>{caption}</figcaption>" if caption else ""
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+def _interval_bar(point, low, high) -> str:
+    """AUROC and its interval on a 0-1 track, chance (0.5) dashed."""
+    if point is None:
+        return ""
+    ci = "" if low is None else f'<span class="ci" style="left:{100 * low:.1f}%;width:{100 * (high - low):.1f}%"></span>'
+    return f'<div class="bar"><span class="half"></span>{ci}<span class="pt" style="left:{100 * point:.1f}%"></span></div>'
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), row_classes: list[str] | None = None,
+           compact: bool = False) -> str:
+    head = "".join(f'<th class="num">{h}</th>' if i in numeric else f"<th>{h}</th>" for i, h in enumerate(header))
+    body = []
+    for k, row in enumerate(rows):
+        cls = f' class="{row_classes[k]}"' if row_classes and row_classes[k] else ""
+        cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    cls = ' class="compact"' if compact else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _section(key: str, title: str, howto: str, body: str) -> str:
+    return f'<section id="{key}"><h2>{_e(title)}</h2><p class="howto">{howto}</p>{body}</section>'
+
+
+def _badge(ok: bool, yes: str = "passed", no: str = "failed") -> str:
+    return f'<span class="badge {"pass" if ok else "fail"}">{yes if ok else no}</span>'
+
+
+def _link(target: Path, root: Path, text: str) -> str:
+    """A relative link from the report (at the run root) to a file of the run."""
+    return f'<a href="{_e(os.path.relpath(target, root))}">{_e(text)}</a>'
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _data_section(run: RunDir) -> str | None:
+    if not run.manifest.exists():
+        return None
+    manifest = pd.read_parquet(run.manifest)
+    quarantine = pd.read_parquet(run.quarantine) if run.quarantine.exists() else pd.DataFrame()
+    source = _read_json(run.source_json) or {}
+    cards = [
+        ("images", f"{len(manifest):,}", f"{manifest['patient_id'].nunique():,} patients"),
+        ("quarantined", f"{len(quarantine):,}", "rows rejected at ingest, validation or decoding"),
+        ("source", _e(source.get("source", "?")), _e(Path(source.get("label_file", "")).name)),
+    ]
+    if "view" in manifest:
+        views = manifest["view"].value_counts()
+        cards.append(("views", " / ".join(f"{views.get(v, 0)} {v}" for v in ("PA", "AP")), "posteroanterior / anteroposterior"))
+    body = ['<div class="cards">' + "".join(
+        f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div><div class="detail">{detail}</div></div>'
+        for label, value, detail in cards) + "</div>"]
+    if len(quarantine):
+        reasons = quarantine["reason"].astype(str).str.split(":").str[0].value_counts().head(8)
+        body.append("<h3>Why rows were quarantined</h3>" + _table(
+            ["reason", "rows"], [[_e(r), f"{n:,}"] for r, n in reasons.items()], numeric={1}, compact=True))
+    summary = _read_json(run.validation / "summary.json")
+    if summary:
+        rows = []
+        for name, suite in summary.get("suites", {}).items():
+            page = suite.get("report_page") or suite.get("data_docs")
+            rows.append([_e(name), _badge(suite["success"]), f"{suite['rows']:,}", str(suite["failed_records"]),
+                         str(suite["failed_expectations"]),
+                         _link(Path(page), run.root, "Data Docs") if page and Path(page).exists() else "—"])
+        body.append("<h3>Data validation (Great Expectations)</h3>" + _table(
+            ["suite", "status", "rows", "records rejected", "checks failed", "details"], rows, numeric={2, 3, 4}))
+        docs = run.validation / "data_docs" / "index.html"
+        if docs.exists():
+            body.append(f'<p class="note">All validation results: {_link(docs, run.root, "Data Docs index")}. '
+                        "A failed suite lists each failed check there; rejected records are in quarantine.parquet.</p>")
+    eda = run.eda / "eda.html"
+    if eda.exists():
+        body.append(f'<p class="note">Exploratory analysis (label prevalence, co-occurrence, image intensities): '
+                    f'{_link(eda, run.root, "EDA page")}.</p>')
+    return _section("data", "Data and validation",
+                    "What went in: how many images and patients, what was rejected and why, and whether the "
+                    "automated data checks passed. Follow the links for every check's detail.", "".join(body))
+
+
+def _splits_section(run: RunDir) -> str | None:
+    report = _read_json(run.split_report)
+    if not report:
+        return None
+    counts = report.get("counts", {})
+    counts = {s: counts[s] for s in sorted(counts, key=lambda s: SPLIT_ORDER.get(s, len(SPLIT_ORDER)))}
+    rows = [[_e(s), f"{c['images']:,}", f"{c['patients']:,}"] for s, c in counts.items()]
+    body = _table(["split", "images", "patients"], rows, numeric={1, 2}, compact=True)
+    positives = report.get("positives")
+    if positives:
+        shown = [f for f in FINDINGS if sum(positives.get(f, {}).values()) > 0]
+        splits = list(counts)
+        body += "<h3>Positive images per finding</h3>" + _table(
+            ["finding", *splits], [[_e(f.replace("_", " ")), *[str(positives[f].get(s, 0)) for s in splits]] for f in shown],
+            numeric=set(range(1, len(splits) + 1)), compact=True)
+    shared = report.get("patients_in_two_splits")
+    if shared is not None:
+        body += f'<p class="note">Leakage audit: {_badge(shared == 0, "no patient", f"{shared} patients")} ' \
+                "appears in more than one split.</p>"
+    return _section("splits", "Train / validation / test split",
+                    "Patients, not images, are assigned to one split each, so the test figures come from people "
+                    "the model never saw. Thresholds are chosen on validation; every figure below is on test.", body)
+
+
+def _training_section(run: RunDir, figures_dir: Path) -> str | None:
+    from evaluation import figures  # noqa: PLC0415 - matplotlib only when there is something to draw
+
+    parts = []
+    history_path = run.train / "history.csv"
+    if history_path.exists():
+        history = pd.read_csv(history_path)
+        if len(history) and "epoch" in history:
+            parts.append(_image(figures.training_curves(history, figures_dir / "training.png"), "training curves",
+                                "Loss should fall on both; a validation loss that rises while training loss falls is overfitting."))
+    results = run.tune / "results.csv"
+    if results.exists():
+        table = pd.read_csv(results)
+        columns = [c for c in ("trial", "sampling", "loss", "freeze", "lr", "backbone", "status", "epochs",
+                               "best_val_mean_auroc", "weakest_findings") if c in table]
+        rows = [[_e(_num(v, 4) if isinstance(v, float) and c != "lr" else (f"{v:.1e}" if c == "lr" else v))
+                 for c, v in zip(columns, row)] for row in table[columns].itertuples(index=False)]
+        parts.append("<h3>Strategy search (Ray Tune)</h3>" + _table([c.replace("_", " ") for c in columns], rows))
+        if (run.tune / "curves.png").exists():
+            parts.append(_image(run.tune / "curves.png", "tune curves", "Validation mean AUROC by epoch for each trial; "
+                                "trials stopped early by ASHA end sooner."))
+    if not parts:
+        return None
+    return _section("training", "Training", "How the model learned, epoch by epoch, and which training strategy "
+                    "the search chose.", "".join(parts))
+
+
+def _discrimination_section(metrics: dict, eval_dir: Path) -> str:
+    per, mean = metrics["per_finding"], metrics["mean"]
+    rows, classes = [], []
+    for name, m in per.items():
+        undefined = m["auroc"] is None
+        rows.append([
+            _e(name.replace("_", " ")), f"{m['n_positive']} / {m['n_positive'] + m['n_negative']}", _pct(m["prevalence"]),
+            _e(m["note"]) if undefined else f"<b>{_num(m['auroc'])}</b>", _ci(m["ci_low"], m["ci_high"]),
+            _interval_bar(m["auroc"], m["ci_low"], m["ci_high"]), _num(m["ap"]),
+        ])
+        classes.append("undefined" if undefined else "")
+    rows.append([f"Mean over {len(mean['findings'])} findings", "", "", f"<b>{_num(mean['auroc'])}</b>",
+                 _ci(mean["ci_low"], mean["ci_high"]), _interval_bar(mean["auroc"], mean["ci_low"], mean["ci_high"]),
+                 _num(mean["ap"])])
+    classes.append("total")
+    boot = metrics["bootstrap"]
+    body = _table(["finding", "positives / images", "prevalence", "AUROC", "95% CI", "", "average precision"],
+                  rows, numeric={1, 2, 3, 4, 6}, row_classes=classes)
+    body += (f'<p class="note">Intervals: {boot["n_boot"]} bootstrap replicates resampling the '
+             f'{metrics["n_patients"]} test patients (all images of a drawn patient), percentile method. '
+             "A finding without positive (or negative) test images has no AUROC: it is shown as undefined, not as 0.5.</p>")
+    figs = metrics.get("figures", {})
+    if "roc" in figs:
+        body += "<h3>ROC curves</h3>" + _image(eval_dir / figs["roc"], "ROC curves",
+                                               "Each curve trades sensitivity against false alarms as the threshold moves; "
+                                               "the red dot is the threshold chosen on validation. Grey dashes: chance.")
+    if "pr" in figs:
+        body += "<h3>Precision–recall curves</h3>" + _image(
+            eval_dir / figs["pr"], "precision-recall curves",
+            "Precision is the share of flagged images that truly have the finding; for rare findings it is the "
+            "more telling curve. Grey dashes: prevalence (what random flagging achieves).")
+    return _section("discrimination", "How well the model separates findings (test split)",
+                    "AUROC is the chance that the model scores a random image with the finding above one without it: "
+                    "1.0 is perfect, 0.5 is a coin toss. The interval shows how much it could move with other patients.",
+                    body)
+
+
+def _operating_section(metrics: dict) -> str:
+    rows, missing = [], []
+    for name, m in metrics["per_finding"].items():
+        if m["threshold"] is None or m["auroc"] is None:
+            missing.append(name.replace("_", " "))
+            continue
+        rows.append([_e(name.replace("_", " ")), _num(m["threshold"], 3), _pct(m["sensitivity"]), _pct(m["specificity"]),
+                     _pct(m["ppv"]), _pct(m["npv"]), _num(m["f1"]), f"{m['tp']} / {m['fn']}", f"{m['fp']} / {m['tn']}"])
+    left_out = (f" Not shown ({len(missing)}): {_e(', '.join(missing))} — no threshold can be chosen or judged "
+                "without positive and negative images in validation and test." if missing else "")
+    rule = metrics["operating_point"]["rule"]
+    rule_text = "Youden's J (sensitivity + specificity − 1 at its highest)" if rule == "youden" else "a target sensitivity"
+    return _section("operating-points", "Operating points",
+                    "If the model had to say yes or no: at the threshold below, how many cases it catches (sensitivity), "
+                    "how many healthy images it clears (specificity), and how often a flag is right (PPV) or an all-clear "
+                    "is right (NPV).",
+                    _table(["finding", "threshold", "sensitivity", "specificity", "PPV", "NPV", "F1",
+                            "TP / FN", "FP / TN"], rows, numeric=set(range(1, 9)))
+                    + f'<p class="note">Thresholds chosen on the validation split by {rule_text}, then applied '
+                      f"unchanged to test. Counts are test images.{left_out}</p>")
+
+
+def _calibration_section(metrics: dict, eval_dir: Path) -> str | None:
+    if "calibration" not in metrics.get("figures", {}):
+        return None
+    rows = [[_e(n.replace("_", " ")), _num(m["ece"], 3)] for n, m in metrics["per_finding"].items() if m["auroc"] is not None]
+    return _section("calibration", "Calibration",
+                    "Does a predicted 30% mean the finding is present about 30% of the time? Points on the diagonal "
+                    "are well calibrated; above it the model under-states risk, below it over-states. ECE is the "
+                    "average gap (0 is perfect).",
+                    _image(eval_dir / metrics["figures"]["calibration"], "reliability diagrams")
+                    + _table(["finding", "expected calibration error"], rows, numeric={1}, compact=True))
+
+
+def _robustness_section(metrics: dict, eval_dir: Path) -> str | None:
+    path = eval_dir / "robustness.csv"
+    if "robustness" not in metrics.get("figures", {}) or not path.exists():
+        return None
+    table = pd.read_csv(path)
+    wide = table.pivot_table(index="perturbation", columns="level", values="mean_auroc", sort=False)
+    rows = [[_e(p), *[_num(v) for v in wide.loc[p]]] for p in wide.index]
+    return _section("robustness", "Robustness to image quality",
+                    "The test images were degraded on purpose (noise, contrast, brightness, blur, rotation, JPEG "
+                    "compression, lower resolution), each at four growing strengths. A robust model's mean AUROC "
+                    "stays near the clean value (dashed line); a steep fall warns that poor-quality images will be misread.",
+                    _image(eval_dir / metrics["figures"]["robustness"], "robustness")
+                    + _table(["perturbation", "clean", *[f"level {c}" for c in wide.columns[1:]]], rows,
+                             numeric=set(range(1, len(wide.columns) + 1))))
+
+
+def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
+    path = eval_dir / "subgroups.csv"
+    if not path.exists():
+        return None
+    table = pd.read_csv(path)
+    if table.empty:
+        return None
+    means = table[table["finding"] == "mean"]
+    rows = [[_e(r.attribute), _e(r.group), f"{r.n_images} / {r.n_patients}", _num(r.auroc), _ci(r.ci_low, r.ci_high),
+             _interval_bar(None if math.isnan(r.auroc) else r.auroc, None if math.isnan(r.ci_low) else r.ci_low,
+                           None if math.isnan(r.ci_high) else r.ci_high),
+             "—" if math.isnan(r.gap) else f"{r.gap:+.2f}"] for r in means.itertuples()]
+    body = ""
+    if "subgroups" in metrics.get("figures", {}):
+        body += _image(eval_dir / metrics["figures"]["subgroups"], "subgroup forest plot",
+                       "Dots: mean AUROC in the group; bars: 95% interval; the blue band is the whole test set's interval.")
+    body += _table(["attribute", "group", "images / patients", "mean AUROC", "95% CI", "", "gap to all"], rows,
+                   numeric={2, 3, 4, 6})
+    detail = table[(table["finding"] != "mean") & table["auroc"].notna()]
+    if len(detail):
+        rows = [[_e(r.attribute), _e(r.group), _e(r.finding.replace("_", " ")), str(r.n_positive), _num(r.auroc),
+                 _ci(r.ci_low, r.ci_high), f"{r.gap:+.2f}"] for r in detail.itertuples()]
+        body += ("<details><summary>Per-finding AUROC by subgroup</summary>"
+                 + _table(["attribute", "group", "finding", "positives", "AUROC", "95% CI", "gap"], rows, numeric={3, 4, 5, 6})
+                 + "</details>")
+    shift = metrics.get("view_shift")
+    if shift:
+        views = [v for v in ("PA", "AP") if v in shift]
+        text = "; ".join(f"{v}-only test images: mean AUROC {_num(shift[v]['mean_auroc'])} "
+                         f"({_ci(shift[v]['ci_low'], shift[v]['ci_high'])}, n={shift[v]['n_images']})" for v in views)
+        body += f"<h3>View shift</h3><p>{text}.</p><p class=\"note\">{_e(shift['note'])}</p>"
+    return _section("subgroups", "Subgroups: sex, age and view",
+                    "The same model scored on parts of the test set. A group whose interval lies clearly below the "
+                    "whole set's performs worse; small groups have wide intervals, so judge overlap, not the dot alone.",
+                    body)
+
+
+def _explain_section(run: RunDir) -> str | None:
+    out = run.root / "explain"
+    pointing, gallery_csv = _read_json(out / "pointing.json"), out / "gallery.csv"
+    if not pointing and not gallery_csv.exists():
+        return None
+    body = ""
+    if pointing:
+        body += (f"<h3>Pointing game</h3><p>On {pointing['n']} boxed findings in held-out images, the heatmap's "
+                 f"strongest point fell inside the radiologist's box <b>{_pct(pointing['hit_rate'])}</b> of the time; "
+                 f"a randomly placed point would have hit {_pct(pointing['baseline'])}. Allowing a margin of "
+                 f"{100 * pointing['tolerance']:.1f}% of the image side (the original definition's 15 pixels at 224): "
+                 f"{_pct(pointing['hit_rate_tolerant'])} against {_pct(pointing['baseline_tolerant'])}.</p>")
+        if (out / "pointing.png").exists():
+            body += _image(out / "pointing.png", "pointing game")
+    if gallery_csv.exists():
+        gallery = pd.read_csv(gallery_csv)
+        names = {"TP": "True positives — flagged and present", "FP": "False positives — flagged but absent",
+                 "FN": "False negatives — present but missed"}
+        for category, title in names.items():
+            part = gallery[gallery["category"] == category]
+            if part.empty:
+                continue
+            figures_html = "".join(_image(out / r.png, f"{r.finding} {r.image_id}",
+                                          f"{_e(r.finding.replace('_', ' '))} · {_e(r.image_id)} · p {r.prob:.3f} "
+                                          f"(threshold {r.threshold:.3f})") for r in part.itertuples())
+            body += f'<h3>{title}</h3><div class="gallery">{figures_html}</div>'
+    return _section("explanations", "Where the model looks (Grad-CAM)",
+                    "Red areas raised the model's score for the named finding most; they are a hint to what drove the "
+                    "prediction, not a segmentation. A true positive whose heat lies outside the lungs suggests a shortcut.",
+                    body)
+
+
+def _glance(metrics: dict | None, run: RunDir) -> str:
+    cards = []
+    if metrics:
+        mean = metrics["mean"]
+        cards.append(("mean AUROC (test)", _num(mean["auroc"]), f"95% CI {_ci(mean['ci_low'], mean['ci_high'])}, "
+                      f"{len(mean['findings'])} findings"))
+        cards.append(("test set", f"{metrics['n_images']:,}", f"images of {metrics['n_patients']:,} patients"))
+        cards.append(("model", _e(metrics.get("backbone") or "?"), f"{metrics.get('image_size')}×{metrics.get('image_size')} pixels"))
+    pointing = _read_json(run.root / "explain" / "pointing.json")
+    if pointing:
+        cards.append(("pointing game", _pct(pointing["hit_rate"]), f"random point: {_pct(pointing['baseline'])}"))
+    summary = _read_json(run.validation / "summary.json")
+    if summary:
+        cards.append(("data validation", "passed" if summary["success"] else "issues",
+                      f"{sum(s['success'] for s in summary['suites'].values())} of {len(summary['suites'])} suites passed"))
+    if not cards:
+        return ""
+    return '<section id="summary"><h2>At a glance</h2><div class="cards">' + "".join(
+        f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div><div class="detail">{detail}</div></div>'
+        for label, value, detail in cards) + "</div></section>"
+
+
+NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "training": "Training",
+              "discrimination": "AUROC", "operating-points": "Operating points", "calibration": "Calibration",
+              "robustness": "Robustness", "subgroups": "Subgroups", "explanations": "Grad-CAM"}
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``<run>/report.html`` from whatever stages the run has completed; returns its path."""
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    metrics = _read_json(run.eval / "metrics.json")
+    with tempfile.TemporaryDirectory() as scratch:  # the training figure lives only inside the page
+        training = _training_section(run, Path(scratch))
+    sections = [_glance(metrics, run), _data_section(run), _splits_section(run), training]
+    if metrics:
+        sections += [_discrimination_section(metrics, run.eval), _operating_section(metrics),
+                     _calibration_section(metrics, run.eval), _robustness_section(metrics, run.eval),
+                     _subgroup_section(metrics, run.eval)]
+    sections.append(_explain_section(run))
+    sections = [s for s in sections if s]
+    present = [key for key in NAV_TITLES if f'<section id="{key}"' in "".join(sections)]
+    nav = "".join(f'<a href="#{key}">{NAV_TITLES[key]}</a>' for key in present)
+    if not metrics:
+        sections.append('<section id="pending"><h2>Evaluation pending</h2><p>No evaluation yet: run '
+                        f"<code>cxr evaluate --run {_e(run.root)}</code> to add the model's results.</p></section>")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    checkpoint = f" · checkpoint {_e(metrics['checkpoint'])}" if metrics else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Chest X-ray model report — {_e(run.root.name)}</title><style>{CSS}</style></head>
+<body><header><h1>Chest X-ray model report</h1>
+<div class="sub">Run {_e(run.root.name)} · generated {when}{checkpoint}</div></header>
+<nav>{nav}</nav><main>{''.join(sections)}</main>
+<footer>Research software: these figures describe a model on this data set and are not a clinical validation.</footer>
+</body></html>
+"""
+    path = run.root / REPORT_FILE
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
