@@ -123,6 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume an interrupted search in <run>/tune")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
+    p = verbs.add_parser("run", help="every stage in order from one YAML config; stages already done are skipped", formatter_class=fmt)
+    p.add_argument("config", type=Path, help="the run's YAML config (configs/demo.yaml, configs/nih.yaml); relative paths in it are relative to its folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one config value, e.g. --set train.epochs=2 (repeatable; the value is read as YAML)")
+    p.add_argument("--force", action="store_true", help="re-run every stage, even those already done")
+    p.add_argument("--address", default=None, help="Ray address, e.g. auto to join a running cluster ; unset: run.address, else RAY_ADDRESS, else an embedded local Ray")
+    p.add_argument("--dry-run", action="store_true", help="print which stages would run and why; run nothing")
+
+    p = verbs.add_parser("submit", help="run `cxr run CONFIG` as a Ray job on a cluster; follows its logs, exits with its status", formatter_class=fmt)
+    p.add_argument("config", type=Path, help="the run's YAML config; must lie inside --working-dir (uploaded with the job)")
+    p.add_argument("--address", default=None, help="the Ray job server, e.g. http://127.0.0.1:8265 through an SSH tunnel or port-forward; unset: RAY_ADDRESS")
+    p.add_argument("--working-dir", type=Path, default=Path("."), help="folder uploaded as the job's working dir (.venv, runs, .git, data files excluded)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable for the job (repeatable; GX_ANALYTICS_ENABLED=false and RAY_DATA_DISABLE_PROGRESS_BARS=1 are always set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed on to `cxr run` (repeatable)")
+    p.add_argument("--force", action="store_true", help="pass --force to `cxr run`")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+
+    p = verbs.add_parser("jobs", help="list, inspect, follow or stop Ray jobs", formatter_class=fmt)
+    actions = p.add_subparsers(dest="jobs_verb", required=True, metavar="ACTION")
+    for action, text in (("list", "every job the cluster knows, newest first"), ("status", "one job's status and message"),
+                         ("logs", "one job's logs (--follow: stream until it ends, exit with its status)"), ("stop", "stop a running job")):
+        q = actions.add_parser(action, help=text, formatter_class=fmt)
+        if action != "list":
+            q.add_argument("job_id", help="the id `cxr submit` printed (raysubmit_...)")
+        if action == "logs":
+            q.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+        q.add_argument("--address", default=None, help="the Ray job server; unset: RAY_ADDRESS")
+
     p = verbs.add_parser("demo", help="make a synthetic collection and run every stage on it, locally", formatter_class=fmt)
     _run_arg(p)
     p.add_argument("--patients", type=int, default=120, help="synthetic patients (about 2.5 images each)")
@@ -135,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 def dispatch(args: argparse.Namespace) -> str:
     from cxr import stages  # noqa: PLC0415 - keep --help fast
 
+    if args.verb == "run":
+        from cxr.config import load_config  # noqa: PLC0415
+        from cxr.pipeline import plan_pipeline, run_pipeline  # noqa: PLC0415
+
+        config = load_config(args.config, args.overrides)
+        if args.address:
+            config.run.address = args.address
+        return plan_pipeline(config, force=args.force) if args.dry_run else run_pipeline(config, force=args.force)
     run = RunDir(args.run)
     if args.verb == "ingest":
         return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only)
@@ -181,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
     try:
+        if args.verb in ("submit", "jobs"):  # they print as they go; the exit status is the job's
+            from cxr.jobs import command  # noqa: PLC0415
+
+            return command(args)
         summary = dispatch(args)
     except KeyboardInterrupt:
         print("cxr: interrupted", file=sys.stderr)
@@ -200,7 +239,7 @@ def _is_user_error(err: Exception) -> bool:
     from pipelines.manifest import ContractError  # noqa: PLC0415
     from pipelines.split import LeakageError  # noqa: PLC0415
 
-    user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ContractError, LeakageError, ValueError)
+    user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ContractError, LeakageError, ValueError, ConnectionError)
     try:
         from validation import ValidationFailed  # noqa: PLC0415
 
