@@ -1,8 +1,10 @@
-"""``cxr demo``: a synthetic collection through every stage, on an embedded local Ray."""
+"""``cxr demo``: a synthetic collection through every stage, on an embedded local Ray.
+
+The demo is ``cxr run`` of ``cxr.config.demo_config`` (``configs/demo.yaml``), so the two cannot
+drift apart.
+"""
 from __future__ import annotations
 
-from cxr import stages
-from cxr.runtime import ray_session
 from pipelines.rundir import RunDir
 
 # Small enough for a 2-core laptop in a few minutes, large enough that every stage has work.
@@ -10,23 +12,8 @@ DEMO_TRAIN = dict(backbone="resnet18", weights="none", freeze="none", epochs=2, 
 DEMO_TUNE = dict(sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",), lr=(3e-4, 3e-3))
 
 
-def run_demo(run: RunDir, patients: int = 120, image_size: int = 64, seed: int = 0, tune: bool = True) -> str:
-    from pipelines.phantoms import make_collection  # noqa: PLC0415
-    from trainers import TrainConfig  # noqa: PLC0415
-    from tuning import default_space  # noqa: PLC0415
+def run_demo(run: RunDir, patients: int = 120, image_size: int = 64, seed: int = 0, tune: bool = True, force: bool = True) -> str:
+    from cxr.config import demo_config  # noqa: PLC0415
+    from cxr.pipeline import run_pipeline  # noqa: PLC0415
 
-    run.ensure()
-    collection = make_collection(run.root / "phantoms", n_patients=patients, image_size=256, seed=seed)
-    parts = [f"demo: {collection.n_images} synthetic images of {collection.n_patients} patients in {collection.root}"]
-    parts.append(stages.ingest_stage(run, "nih", collection.labels_csv, collection.images))
-    parts.append(stages.split_stage(run, test_frac=0.2, val_frac=0.2, min_positives=5, seed=seed))
-    with ray_session():
-        parts.append(stages.preprocess_stage(run, image_size))
-        parts.append(stages.eda_stage(run, seed=seed))
-        base = TrainConfig(**DEMO_TRAIN, seed=seed)
-        parts.append(stages.train_stage(run, base))
-        if tune:
-            tune_base = TrainConfig(**{**DEMO_TRAIN, "workers": 1}, seed=seed)  # one worker per trial: two trials fit beside the reads
-            parts.append(stages.tune_stage(run, tune_base, default_space(**DEMO_TUNE), num_samples=1, asha=True, resume=False))
-    parts.append(f"demo outputs are in {run.root}: manifest.parquet, quarantine.parquet, splits.parquet, shards/, stats.json, validation/ (Data Docs), eda/, train/, tune/")
-    return "\n\n".join(parts)
+    return run_pipeline(demo_config(str(run.root), patients=patients, image_size=image_size, seed=seed, tune=tune), force=force)
