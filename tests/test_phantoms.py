@@ -1,7 +1,6 @@
 """The phantom collection: NIH-shaped, deterministic, and its findings are where its boxes say."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np

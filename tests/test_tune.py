@@ -1,7 +1,6 @@
 """Strategy search on a real local Ray: a 4-trial grid over tiny synthetic shards."""
 from __future__ import annotations
 
-import json
 
 import pandas as pd
 import pytest
