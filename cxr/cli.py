@@ -123,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume an interrupted search in <run>/tune")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
+    p = verbs.add_parser("evaluate", help="test-split metrics with patient-bootstrap CIs, operating points, calibration, robustness, subgroups", formatter_class=fmt)
+    _run_arg(p)
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: <run>/tune/best, else <run>/train/best)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
+    p.add_argument("--no-robustness", action="store_true", help="skip the perturbation sweep")
+
+    p = verbs.add_parser("explain", help="Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes", formatter_class=fmt)
+    p.add_argument("--run", type=Path, metavar="DIR", default=None, help="explain a run: gallery of test images and the pointing game (needs cxr evaluate)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default for a run: tune/best, else train/best)")
+    p.add_argument("--images", type=Path, nargs="+", default=None, help="explain these image files instead of a run (needs --checkpoint and --out)")
+    p.add_argument("--out", type=Path, default=None, help="output folder for --images")
+    p.add_argument("--boxes", type=Path, default=None, help="an NIH-style BBox_List csv for --images (pointing game)")
+    p.add_argument("--max-images", type=int, default=24, help="images in a run's gallery")
+
+    p = verbs.add_parser("report", help="one self-contained HTML page for the run: <run>/report.html", formatter_class=fmt)
+    _run_arg(p)
+
+    p = verbs.add_parser("predict", help="the 14 finding probabilities for image files, from a checkpoint alone", formatter_class=fmt)
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (model.pt + model.json)")
+    p.add_argument("images", type=Path, nargs="+", help="PNG/JPEG/DICOM files")
+    p.add_argument("--csv", type=Path, default=None, help="also write the probabilities to this CSV")
+
     p = verbs.add_parser("run", help="every stage in order from one YAML config; stages already done are skipped", formatter_class=fmt)
     p.add_argument("config", type=Path, help="the run's YAML config (configs/demo.yaml, configs/nih.yaml); relative paths in it are relative to its folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one config value, e.g. --set train.epochs=2 (repeatable; the value is read as YAML)")
@@ -170,7 +192,30 @@ def dispatch(args: argparse.Namespace) -> str:
         if args.address:
             config.run.address = args.address
         return plan_pipeline(config, force=args.force) if args.dry_run else run_pipeline(config, force=args.force)
+    if args.verb == "predict":
+        from evaluation import format_predictions, predict_images  # noqa: PLC0415
+
+        frame = predict_images(args.checkpoint, list(args.images))
+        if args.csv:
+            frame.to_csv(args.csv, index=False)
+        return format_predictions(frame) + (f"\nwrote {args.csv}" if args.csv else "")
+    if args.verb == "explain" and args.images:
+        from evaluation import explain  # noqa: PLC0415
+        from pipelines.phantoms import read_boxes  # noqa: PLC0415
+
+        if not args.checkpoint or not args.out:
+            raise ValueError("explain --images needs --checkpoint and --out")
+        result = explain(args.checkpoint, list(args.images), args.out, boxes=read_boxes(args.boxes) if args.boxes else None)
+        return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s) in {result.out_dir}", stages._pointing_line(result.summary)])
+    if args.verb == "explain" and not args.run:
+        raise ValueError("explain needs --run DIR, or --images with --checkpoint and --out")
     run = RunDir(args.run)
+    if args.verb == "evaluate":
+        return stages.evaluate_stage(run, args.checkpoint, n_boot=args.bootstrap, robustness=not args.no_robustness)
+    if args.verb == "explain":
+        return stages.explain_stage(run, args.checkpoint, max_images=args.max_images)
+    if args.verb == "report":
+        return stages.report_stage(run)
     if args.verb == "ingest":
         return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only)
     if args.verb == "validate":

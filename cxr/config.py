@@ -355,7 +355,7 @@ def demo_config(run_dir: str, patients: int = 120, image_size: int = 64, seed: i
         train=TrainSection(config=TrainConfig(**DEMO_TRAIN, seed=seed)),
         tune=TuneSection(enabled=tune, base={"workers": 1}, num_samples=1, asha=True, grace_period=1,
                          **{k: [float(x) for x in v] if k == "lr" else list(v) for k, v in DEMO_TUNE.items()}),
-        evaluate=EvaluateSection(enabled=False),
-        explain=ExplainSection(enabled=False),
-        report=ReportSection(enabled=False),
+        evaluate=EvaluateSection(enabled=True),
+        explain=ExplainSection(enabled=True),
+        report=ReportSection(enabled=True),
     )

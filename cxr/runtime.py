@@ -26,7 +26,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    # Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
+    # errors still reach the driver as exceptions with their tracebacks.
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -226,3 +226,50 @@ def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, res
         f"wrote {result.csv}, {result.markdown}" + (f", {result.curves}" if result.curves else "") + (f", best checkpoint {result.best_dir}" if result.best_dir else " (no trial produced a checkpoint)"),
     ]
     return "\n".join(lines)
+
+
+def _pointing_line(summary: dict) -> str:
+    if not summary:
+        return "  pointing game: no radiologist boxes for these images"
+    return (
+        f"  pointing game on {summary['n']} boxed finding(s): Grad-CAM peak inside the box {summary['hit_rate']:.0%} "
+        f"vs random point {summary['baseline']:.0%} (with tolerance {summary['hit_rate_tolerant']:.0%} vs {summary['baseline_tolerant']:.0%})"
+    )
+
+
+def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, robustness: bool = True) -> str:
+    """Test-split metrics with patient-bootstrap intervals, operating points from validation,
+    calibration, robustness and subgroups, in ``<run>/eval``."""
+    from evaluation import evaluate_run  # noqa: PLC0415
+
+    result = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=robustness)
+    m = result.metrics
+    mean = m["mean"]
+    lines = [
+        f"evaluate: checkpoint {m.get('checkpoint', checkpoint)}, {len(result.predictions)} test images",
+        f"  mean AUROC {_fmt(mean.get('auroc'))} (95% CI {_fmt(mean.get('ci_low'))}-{_fmt(mean.get('ci_high'))}, bootstrap over patients)",
+        "  per finding: AUROC [95% CI]  (undefined = no positives or no negatives in test)",
+    ]
+    for f, v in m["per_finding"].items():
+        interval = f"[{_fmt(v.get('ci_low'))}-{_fmt(v.get('ci_high'))}]" if v.get("auroc") is not None else "undefined"
+        lines.append(f"    {f:<19} {_fmt(v.get('auroc'))} {interval}")
+    lines.append(f"wrote {result.out_dir}: predictions.parquet, metrics.json, figures/")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "  -  " if value is None or value != value else f"{value:.3f}"
+
+
+def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int = 24) -> str:
+    """Grad-CAM gallery (TP/FP/FN) and the pointing game against radiologist boxes, in ``<run>/explain``."""
+    from evaluation import explain_run  # noqa: PLC0415
+
+    result = explain_run(run.root, checkpoint, max_images=max_images)
+    return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
+
+
+def report_stage(run: RunDir) -> str:
+    from evaluation import write_report  # noqa: PLC0415
+
+    return f"report: {write_report(run.root)}"

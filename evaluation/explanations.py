@@ -61,9 +61,11 @@ def _caption(prob: float, threshold: float, category: str | None = None) -> str:
 
 
 def explain(checkpoint: Path, images: list[Path], out_dir: Path, boxes: pd.DataFrame | None = None,
-            thresholds: dict | None = None, box_frame: int | None = None, tolerance: float = TOLERANCE) -> ExplainResult:
+            thresholds: dict | None = None, box_frame: int | None = None, tolerance: float = TOLERANCE,
+            predicted: bool = True) -> ExplainResult:
     """One overlay PNG per image, for every finding predicted at or above its threshold (0.5 where
-    none is given) and every finding with a box; the pointing game on the boxed ones.
+    none is given; ``predicted=False`` skips these) and every finding with a box; the pointing game
+    on the boxed ones.
 
     ``boxes``: ``image_id`` (the file name), ``finding``, ``x``, ``y``, ``w``, ``h``, in pixels of
     the image file, or of a ``box_frame`` x ``box_frame`` frame (NIH: 1024, whatever the file size);
@@ -89,7 +91,7 @@ def explain(checkpoint: Path, images: list[Path], out_dir: Path, boxes: pd.DataF
         by_finding = {r.finding: box_to_model(r.x, r.y, r.w, r.h, *frame, size) for r in boxed.itertuples()
                       if r.finding in findings}
         for j, name in enumerate(findings):
-            if probs[i, j] >= _threshold(thresholds, name) or name in by_finding:
+            if (predicted and probs[i, j] >= _threshold(thresholds, name)) or name in by_finding:
                 pairs.append((i, j))
                 pair_boxes.append(by_finding.get(name))
     with HeatmapMaker(model, info) as maker:
@@ -171,7 +173,8 @@ def gallery_items(predictions: pd.DataFrame, per_finding: dict, max_images: int)
 def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int = 24, max_boxed: int = 200,
                 tolerance: float = TOLERANCE) -> ExplainResult:
     """The gallery in ``<run>/explain/gallery/`` (``gallery.csv`` lists it) and the pointing game
-    on boxed held-out images in ``<run>/explain/boxed/``. Needs ``cxr evaluate`` first."""
+    on boxed held-out images in ``<run>/explain/boxed/`` (their boxed findings only: the gallery
+    shows what the model predicts). Needs ``cxr evaluate`` first."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
     from evaluation.gradcam import HeatmapMaker  # noqa: PLC0415
     from pipelines.phantoms import read_boxes  # noqa: PLC0415
@@ -221,7 +224,7 @@ def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int =
             boxed_files = [image_root / path_of[i] for i in boxed_ids]
             widths = [decode_file(p, 8).orig_width for p in boxed_files]  # the whole list decides the frame
             result = explain(checkpoint, boxed_files, out / "boxed", boxes[boxes["image_id"].isin(boxed_ids)],
-                             thresholds, box_frame_for(boxes, widths), tolerance)
+                             thresholds, box_frame_for(boxes, widths), tolerance, predicted=False)
             pointing, summary, boxed_written = result.pointing, result.summary, result.images
             boxed_predictions = result.predictions
             if summary:

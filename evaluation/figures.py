@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
@@ -164,16 +165,17 @@ def training_curves(history: pd.DataFrame, path: Path) -> Path:
     for column, color, label in (("train_loss", MODEL, "training"), ("val_loss", PALETTE[1], "validation")):
         if column in history:
             ax.plot(history["epoch"], history[column], marker="o", ms=3, color=color, label=label)
-    ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Loss")
     ax.legend(fontsize=8)
     if has_auroc:
         ax = axes[0, 1]
         ax.plot(history["epoch"], history["val_mean_auroc"], marker="o", ms=3, color=MODEL)
-        ax.set_xlabel("epoch")
         ax.set_ylabel("validation mean AUROC")
         ax.set_title("Validation mean AUROC")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 PANEL = 256  # displayed side of each panel, in pixels
 GAP = 8
-HEAT_ALPHA = 0.42
+COLUMNS = 4  # panels per row
+HEAT_ALPHA = (0.12, 0.5)  # overlay opacity where the heatmap is 0 and where it is 1: the anatomy stays visible
 BOX_COLOR = (57, 255, 20)
 INK = (29, 39, 51)
 MUTED = (91, 102, 117)
@@ -45,14 +46,18 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(resized, np.float32)[:, :, None] / 255.0, 3, axis=2)
 
 
-def _heat(heatmap: np.ndarray) -> np.ndarray:
-    """The heatmap through the jet colour map (red = strongest), ``PANEL`` x ``PANEL`` RGB."""
+def _heat(heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap at ``PANEL`` x ``PANEL``: through the jet colour map (RGB, red = strongest), and
+    its level in [0, 1]."""
     resized = Image.fromarray(np.clip(heatmap, 0, 1).astype(np.float32), mode="F").resize((PANEL, PANEL), Image.BILINEAR)
-    return colormaps["jet"](np.asarray(resized))[:, :, :3].astype(np.float32)
+    level = np.clip(np.asarray(resized), 0, 1)
+    return colormaps["jet"](level)[:, :, :3].astype(np.float32), level
 
 
 def _overlay(image: np.ndarray, panel: Panel, scale: float) -> Image.Image:
-    blended = (1 - HEAT_ALPHA) * _gray(image) + HEAT_ALPHA * _heat(panel.heatmap)
+    heat, level = _heat(panel.heatmap)
+    alpha = (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * level)[:, :, None]
+    blended = (1 - alpha) * _gray(image) + alpha * heat
     out = Image.fromarray((blended * 255).round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
     if panel.box is not None:
@@ -66,21 +71,23 @@ def _overlay(image: np.ndarray, panel: Panel, scale: float) -> Image.Image:
 
 
 def render(image: np.ndarray, panels: list[Panel], title: str, path: Path) -> Path:
-    """Write the original and one overlay per panel side by side, each under its caption."""
+    """Write the original and one overlay per panel, each under its caption, ``COLUMNS`` a row."""
     scale = PANEL / image.shape[-1]
     tiles = [("image", "as the model sees it", Image.fromarray((_gray(image) * 255).astype(np.uint8)))]
     tiles += [(p.finding.replace("_", " "), p.caption, _overlay(image, p, scale)) for p in panels]
     head, caption_h = 26, 42
-    width = len(tiles) * PANEL + (len(tiles) + 1) * GAP
-    canvas = Image.new("RGB", (width, head + caption_h + PANEL + GAP), "white")
+    columns = min(COLUMNS, len(tiles))
+    rows = -(-len(tiles) // columns)
+    cell_w, cell_h = PANEL + GAP, caption_h + PANEL + GAP
+    canvas = Image.new("RGB", (columns * cell_w + GAP, head + rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((GAP, 6), title, fill=MUTED, font=_font(13))
     for k, (name, caption, tile) in enumerate(tiles):
-        x = GAP + k * (PANEL + GAP)
-        draw.text((x, head), name, fill=INK, font=_font(15))
-        draw.text((x, head + 19), caption, fill=MUTED, font=_font(12))
-        canvas.paste(tile, (x, head + caption_h))
+        x, y = GAP + (k % columns) * cell_w, head + (k // columns) * cell_h
+        draw.text((x, y), name, fill=INK, font=_font(15))
+        draw.text((x, y + 19), caption, fill=MUTED, font=_font(12))
+        canvas.paste(tile, (x, y + caption_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=False)
+    canvas.save(path)
     return path

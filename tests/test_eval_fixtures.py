@@ -27,7 +27,7 @@ from trainers.inputs import standardize, to_unit
 from trainers.models import build_model
 
 IMAGE_SIZE = 112  # ResNet18's last stage is 4x4 here: coarse, but enough to point at a lung base or the heart
-N_PATIENTS = 60
+N_PATIENTS = 50
 EPOCHS = 6
 BATCH_SIZE = 16
 
@@ -149,6 +149,6 @@ def evaluated_run(phantom_run) -> Evaluated:
         from evaluation import evaluate_run, explain_run
 
         evaluation = evaluate_run(phantom_run.run.root, n_boot=200, seed=0)
-        explanation = explain_run(phantom_run.run.root, max_images=6, max_boxed=40)
+        explanation = explain_run(phantom_run.run.root, max_images=6, max_boxed=30)
         _BUILT["evaluated"] = Evaluated(phantom_run, evaluation, explanation)
     return _BUILT["evaluated"]

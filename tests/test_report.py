@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 
 from evaluation import write_report
@@ -32,6 +33,12 @@ def report(evaluated_run):
     summary.write_text(json.dumps({"success": True, "suites": {"manifest": {
         "success": True, "rows": 10, "failed_records": 0, "failed_expectations": 0,
         "data_docs": str(page), "report_page": str(page)}}}))
+    run.tune.mkdir(exist_ok=True)  # a strategy-search table as tuning.results writes it
+    pd.DataFrame({"trial": ["t1", "t2"], "sampling": ["none", "over"], "loss": ["weighted", "bce"],
+                  "freeze": ["partial", "partial"], "lr": [3e-4, 1e-3], "backbone": ["resnet18", "resnet18"],
+                  "status": ["completed", "stopped early"], "epochs": [6, 2], "best_val_mean_auroc": [0.81, float("nan")],
+                  "best_epoch": [5, None], "weakest_findings": ["Mass 0.52", ""], "error": ["", ""]}
+                 ).to_csv(run.tune / "results.csv", index=False)
     return write_report(run.root)
 
 
@@ -42,7 +49,7 @@ def test_report_is_self_contained_with_key_sections(report):
     images = re.findall(r'<img [^>]*src="([^"]+)"', text)
     assert len(images) >= 8 and all(src.startswith("data:image/png;base64,") for src in images)
     assert 'href="validation/data_docs/index.html"' in text  # relative: the page and the docs move together
-    for phrase in ("AUROC", "95% CI", "Pointing game", "True positives", "View shift", "Youden"):
+    for phrase in ("AUROC", "95% CI", "Pointing game", "True positives", "View shift", "Youden", "Strategy search"):
         assert phrase in text, phrase
     assert "undefined" not in text.lower() or "no positive test images" in text  # undefined findings explained
 

@@ -18,6 +18,8 @@ from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_cu
 from tuning.trial import run_trial
 
 TRIAL_DRIVER_CPU = 0.0  # the trial function only waits on its TorchTrainer, whose workers reserve their own CPUs
+# Ray refuses an empty resource request, so the trial driver asks for a little memory instead of CPU.
+TRIAL_DRIVER_RESOURCES = {"CPU": TRIAL_DRIVER_CPU, "memory": 64 * 2**20}
 SEARCH_NAME = "search"
 
 
@@ -65,7 +67,7 @@ def run_search(
     if unknown:
         raise ValueError(f"unknown search parameter(s) {', '.join(unknown)}")
     param_space = {**space, "base": base.to_dict(), "run_dir": str(run.root), "train_storage": str(storage / "train")}
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
     path = storage / SEARCH_NAME
     if resume:
         if not tune.Tuner.can_restore(str(path)):
