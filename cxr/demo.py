@@ -9,7 +9,7 @@ from pipelines.rundir import RunDir
 
 # Small enough for a 2-core laptop in a few minutes, large enough that every stage has work.
 DEMO_TRAIN = dict(backbone="resnet18", weights="none", freeze="none", epochs=2, batch_size=16, lr=1e-3, workers=2, cpus_per_worker=0.5)
-DEMO_TUNE = dict(sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",), lr=(3e-4, 3e-3))
+DEMO_TUNE = dict(sampling=("none", "under"), loss=("bce", "weighted"), freeze=("none",), lr=(3e-4, 3e-3))
 
 
 def run_demo(run: RunDir, patients: int = 120, image_size: int = 64, seed: int = 0, tune: bool = True, force: bool = True) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ def run_search(
                 num_samples=num_samples,
                 max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()),
             ),
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0)),
+            # Tune's live status tables help at a terminal and flood a CI or job log: the result
+            # table at the end says it all there.
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0), verbose=1 if sys.stdout.isatty() else 0),
         )
     grid = tuner.fit()
     table = results_table(grid, base.epochs)
