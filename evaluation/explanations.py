@@ -19,7 +19,7 @@ from evaluation import figures
 from evaluation.inference import predict_arrays, resolve_checkpoint
 from evaluation.overlay import Panel, render
 from evaluation.pointing import NIH_BOX_FRAME, TOLERANCE, box_to_model, play, summarize
-from evaluation.predict import decode_images
+from evaluation.predict import decode_all, decode_images
 from pipelines.imaging import decode_file
 from pipelines.rundir import RunDir
 
@@ -78,7 +78,7 @@ def explain(checkpoint: Path, images: list[Path], out_dir: Path, boxes: pd.DataF
     model, info = load_checkpoint(Path(checkpoint))
     findings, size = list(info["findings"]), int(info["image_size"])
     paths = [Path(p) for p in images]
-    decoded = [decode_file(p, size) for p in paths]
+    decoded = decode_all(paths, size)
     pixels = np.stack([d.pixels for d in decoded]) if decoded else np.zeros((0, size, size), np.uint8)
     probs = predict_arrays(model, info, pixels)
     boxes = boxes if boxes is not None else pd.DataFrame(columns=["image_id", "finding", "x", "y", "w", "h"])

@@ -7,19 +7,25 @@ import numpy as np
 import pandas as pd
 
 from evaluation.inference import predict_arrays
-from pipelines.imaging import DecodeError, decode_file
+from pipelines.imaging import Decoded, DecodeError, decode_file
+
+
+def decode_all(paths: list[Path], image_size: int) -> list[Decoded]:
+    """Decode files exactly as preprocessing does (``decode_file``), so the model sees the same
+    pixels it was trained on. A file that cannot be decoded is an error that names it."""
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(decode_file(Path(path), image_size))
+        except DecodeError as err:
+            raise DecodeError(f"{path}: {err}") from None
+    return decoded
 
 
 def decode_images(paths: list[Path], image_size: int) -> np.ndarray:
-    """Decode files exactly as preprocessing does (``decode_file``), so the model sees the same
-    pixels it was trained on. A file that cannot be decoded is an error that names it."""
-    pixels = []
-    for path in paths:
-        try:
-            pixels.append(decode_file(Path(path), image_size).pixels)
-        except DecodeError as err:
-            raise DecodeError(f"{path}: {err}") from None
-    return np.stack(pixels) if pixels else np.zeros((0, image_size, image_size), np.uint8)
+    """The decoded pixels ``(n, S, S)`` uint8 of ``paths``."""
+    decoded = decode_all(paths, image_size)
+    return np.stack([d.pixels for d in decoded]) if decoded else np.zeros((0, image_size, image_size), np.uint8)
 
 
 def predict_images(checkpoint: Path, images: list[Path]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from evaluation.explanations import box_frame_for, gallery_items
 from evaluation.inference import resolve_checkpoint
 from evaluation.operating_points import choose_threshold
 from evaluation.pointing import NIH_BOX_FRAME
+from pipelines.imaging import DecodeError
 from pipelines.labels import FINDINGS
 from pipelines.phantoms import read_boxes
 from tests.conftest import NIH_CSV, NIH_IMAGES
@@ -126,6 +127,13 @@ def test_predict_images_matches_evaluation(evaluated_run):
     # the same decode as preprocessing: the same pixels, so the same probabilities
     np.testing.assert_allclose(frame[[f"prob_{f}" for f in FINDINGS]].to_numpy(),
                                test[[f"prob_{f}" for f in FINDINGS]].to_numpy(), atol=1e-5)
+
+
+def test_predict_names_an_undecodable_file(phantom_run, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    with pytest.raises(DecodeError, match="broken.png"):
+        predict_images(phantom_run.checkpoint, [bad])
 
 
 def test_checkpoint_resolution(phantom_run, tmp_path):
