@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="make a synthetic collection and run every stage on it, locally", formatter_class=fmt)
     _run_arg(p)
     p.add_argument("--patients", type=int, default=120, help="synthetic patients (about 2.5 images each)")
-    p.add_argument("--image-size", type=int, default=64, help="preprocessed image side in pixels")
+    p.add_argument("--image-size", type=int, default=112, help="preprocessed image side in pixels (Grad-CAM needs >= 112 for a 4x4 feature map)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the collection and the split")
     p.add_argument("--no-tune", action="store_true", help="skip the strategy search (faster)")
     return parser

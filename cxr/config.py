@@ -340,7 +340,7 @@ def _resolve_paths(config: Config, base: Path) -> None:
 # --------------------------------------------------------------------------- the demo
 
 
-def demo_config(run_dir: str, patients: int = 120, image_size: int = 64, seed: int = 0, tune: bool = True) -> Config:
+def demo_config(run_dir: str, patients: int = 120, image_size: int = 112, seed: int = 0, tune: bool = True) -> Config:
     """What ``cxr demo`` runs, as a Config (``configs/demo.yaml`` is this with the defaults; a test
     keeps the two equal): the synthetic collection and every stage the demo runs, with its settings."""
     from cxr.demo import DEMO_TRAIN, DEMO_TUNE  # noqa: PLC0415 - the demo's own numbers, so the two cannot drift

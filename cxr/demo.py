@@ -12,7 +12,7 @@ DEMO_TRAIN = dict(backbone="resnet18", weights="none", freeze="none", epochs=2, 
 DEMO_TUNE = dict(sampling=("none", "under"), loss=("bce", "weighted"), freeze=("none",), lr=(3e-4, 3e-3))
 
 
-def run_demo(run: RunDir, patients: int = 120, image_size: int = 64, seed: int = 0, tune: bool = True, force: bool = True) -> str:
+def run_demo(run: RunDir, patients: int = 120, image_size: int = 112, seed: int = 0, tune: bool = True, force: bool = True) -> str:
     from cxr.config import demo_config  # noqa: PLC0415
     from cxr.pipeline import run_pipeline  # noqa: PLC0415
 
