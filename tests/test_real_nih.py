@@ -1,4 +1,6 @@
-"""The foundation on the real NIH subset, through the CLI: ingest, split, preprocess."""
+"""The real NIH subset through the CLI, stage by stage: ingest, split, preprocess, then a short
+training run, evaluation with patient-bootstrap intervals, Grad-CAM with the pointing game, and
+`cxr predict` from the checkpoint alone."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ from cxr.cli import main
 from pipelines.shards import images_from_column, split_dir
 
 pytestmark = [pytest.mark.realdata, pytest.mark.ray]
+SIZE = 64
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +43,40 @@ def test_split_is_patient_disjoint(run, capsys):
 
 
 def test_preprocess_writes_every_image_converting_rgba(run):
-    assert main(["preprocess", "--run", str(run), "--image-size", "32"]) == 0
+    assert main(["preprocess", "--run", str(run), "--image-size", str(SIZE)]) == 0
     frames = [pd.read_parquet(split_dir(run / "shards", s), columns=["image_id", "image", "orig_mode"]) for s in ("train", "val", "test")]
     shards = pd.concat(frames)
     assert len(shards) == 1301 and shards["image_id"].is_unique
     assert (shards["orig_mode"] == "RGBA").sum() == 5
-    assert images_from_column(shards["image"], 32).shape == (1301, 32, 32)
+    assert images_from_column(shards["image"], SIZE).shape == (1301, SIZE, SIZE)
     stats = json.loads((run / "stats.json").read_text())
     assert stats["computed_on"] == "train" and 0.3 < stats["mean"] < 0.7
+
+
+def test_short_training_run_reports_per_finding_validation_auroc(run, capsys):
+    args = ["train", "--run", str(run), "--backbone", "resnet18", "--weights", "none", "--freeze", "none", "--epochs", "1", "--workers", "2", "--batch-size", "32", "--lr", "1e-3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "per-finding validation AUROC" in out and "Pneumonia" in out
+    history = pd.read_csv(run / "train" / "history.csv")
+    assert len(history) == 1 and history["world_size"].item() == 2
+    defined = [f for f in ("Pneumonia", "Infiltration", "Atelectasis", "Effusion") if pd.notna(history[f"val_auroc_{f}"].item())]
+    assert len(defined) == 4  # the commonest findings all have positives and negatives in validation
+    assert (run / "train" / "best" / "model.pt").exists()
+
+
+def test_evaluate_explain_report_and_predict(run, nih, capsys):
+    assert main(["evaluate", "--run", str(run), "--bootstrap", "200", "--no-robustness"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    pneumonia = metrics["per_finding"]["Pneumonia"]
+    assert pneumonia["ci_low"] <= pneumonia["auroc"] <= pneumonia["ci_high"]
+    assert metrics["mean"]["ci_low"] <= metrics["mean_auroc"] <= metrics["mean"]["ci_high"]
+    assert main(["explain", "--run", str(run), "--max-images", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "pointing game on" in out and "random point" in out  # NIH's radiologist boxes on held-out images
+    assert main(["report", "--run", str(run)]) == 0
+    assert (run / "report.html").stat().st_size > 10_000
+    image = nih / "images" / "00000061_012.png"
+    assert main(["predict", str(run / "train" / "best"), str(image)]) == 0
+    listing = capsys.readouterr().out
+    assert str(image) in listing and all(f in listing for f in ("Pneumonia", "Hernia", "Cardiomegaly"))
