@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("preprocess", help="Ray Data: decode, 8-bit grayscale, resize, write Parquet shards, train-only stats", formatter_class=fmt)
     _run_arg(p)
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="side of the square output images in pixels")
-    p.add_argument("--blocks", type=int, default=None, help="Ray Data read blocks (default: about one per 16 images, at least 8)")
+    p.add_argument("--blocks", type=int, default=None, help="Ray Data read blocks (default: about 4 per CPU, at most 64 images each)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
     p = verbs.add_parser("eda", help="exploratory analysis: figures + summary.md/html in <run>/eda", formatter_class=fmt)
