@@ -70,7 +70,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray pipeline on Ray: ingest, validate, split, preprocess, explore.", formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray pipeline on Ray: ingest, validate, split, preprocess, explore, train, tune, evaluate, explain, report; run it all from one config, locally or as a Ray job.", formatter_class=fmt)
     parser.add_argument("--version", action="version", version="cxr 0.1.0")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
