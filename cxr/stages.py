@@ -61,10 +61,10 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
         + "\n"
     )
     summary_path = write_summary([suite], run.validation)
-    reasons = quarantine["reason"].str.split(":").str[0].value_counts() if len(quarantine) else pd.Series(dtype=int)
     lines = [
         f"ingest: {result.rows_in} rows in = {len(manifest)} in the manifest + {len(quarantine)} quarantined",
-        *[f"  quarantined {n:>7}  {reason}" for reason, n in reasons.items()],
+        *[f"  quarantined {n:>7}  {reason}" for reason, n in result.reason_counts().items()],
+        *([f"  quarantined {len(rejected):>7}  by the manifest suite (see below)"] if len(rejected) else []),
         *[f"  note: {note}" for note in result.notes],
         format_summary([suite]),
         f"wrote {run.manifest}, {run.quarantine}, {summary_path}",
@@ -219,7 +219,8 @@ def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, res
     from tuning import run_search  # noqa: PLC0415
 
     result = run_search(run.root, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
-    shown = result.table.drop(columns=[c for c in ("error", "backbone") if c in result.table and not result.table[c].astype(bool).any() or c == "backbone"])
+    hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
+    shown = result.table.drop(columns=[c for c in hidden if c in result.table])
     lines = [
         f"tune: {len(result.table)} trial(s), {result.trial_epochs} trial-epochs trained ({'ASHA early stopping' if asha else 'no early stopping'})",
         shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
