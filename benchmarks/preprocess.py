@@ -24,6 +24,7 @@ import pandas as pd
 import psutil
 from PIL import Image
 
+from cxr.runtime import init_local_ray
 from pipelines.imaging import decode_file
 from pipelines.labels import FINDINGS
 from pipelines.preprocess import preprocess
@@ -103,7 +104,7 @@ def main() -> None:
         raise SystemExit(f"real NIH images not found at {NIH_IMAGES}")
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(args.cpus)
     files = originals(args.limit)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ The space has clearly bad arms (learning rates far too small or too large to lea
 beside good ones, on synthetic shards with a learnable signal. Reports trial-epochs spent and the
 best strategy each search picked.
 
-    .venv/bin/python benchmarks/tune_asha.py --epochs 4
+    .venv/bin/python -m benchmarks.tune_asha --epochs 4
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ os.environ.setdefault("CXR_OFFLINE", "1")
 import pandas as pd
 from ray import tune
 
+from cxr.runtime import init_local_ray
 from tests.train_fixtures import write_run
 from trainers import TrainConfig
 from tuning import run_search
@@ -32,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(2)
     base = TrainConfig(backbone="resnet18", weights="none", freeze="none", batch_size=16, workers=1, cpus_per_worker=0.5, shuffle_buffer=32, epochs=args.epochs)
     # Two good learning rates, two hopeless ones (1e-7 barely moves, 1.0 diverges), x two losses.
     space = {"lr": tune.grid_search([1e-7, 1e-3, 3e-3, 1.0]), "loss": tune.grid_search(["bce", "weighted"])}

@@ -1,4 +1,4 @@
-"""Starting and stopping Ray: the only place in the project that calls ``ray.init``."""
+"""Starting and stopping Ray: verbs, tests and benchmarks all start it through here."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +15,20 @@ def quiet_environment() -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """Start an embedded local Ray the way every verb, test and benchmark wants it.
+
+    The dashboard runs (on loopback only) because Ray Train V2 frees the workers of a Tune trial
+    that early stopping killed through the state API it serves (ray-project/ray#54305): without it
+    each stopped trial keeps its CPUs reserved until the search hangs.
+    Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
+    errors still reach the driver as exceptions with their tracebacks.
+    """
+    import ray  # noqa: PLC0415
+
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Connect to ``address`` (or ``RAY_ADDRESS``) when given, else start an embedded local Ray;
@@ -26,13 +40,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    # Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
-    # errors still reach the driver as exceptions with their tracebacks.
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        init_local_ray(num_cpus)
     try:
         yield
     finally:

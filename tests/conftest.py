@@ -27,8 +27,10 @@ def ray_local():
     """A real local Ray for the module, shut down afterwards so no raylet outlives the tests."""
     import ray
 
+    from cxr.runtime import init_local_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()

@@ -1,6 +1,7 @@
 """Strategy search on a real local Ray: a 4-trial grid over tiny synthetic shards."""
 from __future__ import annotations
 
+import time
 
 import pandas as pd
 import pytest
@@ -11,7 +12,8 @@ from pipelines.labels import FINDINGS
 from tests.train_fixtures import write_run
 from trainers import TrainConfig, load_checkpoint, prepare_input
 from tuning import default_space, load_space, run_search
-from tuning.search import max_concurrent_trials
+from tuning.search import TRIAL_DRIVER_RESOURCES, max_concurrent_trials
+from tuning.trial import run_trial
 
 pytestmark = pytest.mark.ray
 
@@ -39,6 +41,32 @@ def test_four_trial_search_writes_a_sorted_table_and_a_loadable_best(ray_local, 
     assert info["metrics"]["val_mean_auroc"] == pytest.approx(scores[0])  # the best trial's best epoch
     x = prepare_input(torch.zeros((2, 32, 32), dtype=torch.uint8), info)
     assert model(x).shape == (2, len(FINDINGS))
+
+
+def reserved_placement_groups(ray_module) -> list[dict]:
+    return [pg for pg in ray_module.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def test_a_trial_stopped_early_gives_its_workers_back(ray_local, tmp_path):
+    """Tune kills the process of a trial it stops (as ASHA does); Ray Train V2 must still free that
+    trial's worker reservation (ray-project/ray#54305), or an early-stopping search on a small
+    cluster runs out of CPUs and hangs."""
+    run = write_run(tmp_path / "run", n_train=24, n_val=12, image_size=32)
+    base = TrainConfig(**{**BASE, "epochs": 4})
+    param_space = {"base": base.to_dict(), "run_dir": str(run), "train_storage": str(tmp_path / "ray" / "train")}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES),
+        param_space=param_space,
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), stop={"training_iteration": 1}, verbose=0),
+    )
+    grid = tuner.fit()
+    assert grid[0].metrics["training_iteration"] == 1  # stopped after its first epoch of four
+
+    deadline = time.monotonic() + 60  # the cleaner polls each second; this is a bound, not a timing
+    while reserved_placement_groups(ray_local) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert reserved_placement_groups(ray_local) == []
+    assert ray_local.available_resources().get("CPU") == 2
 
 
 def test_space_yaml_and_its_errors(tmp_path):
