@@ -12,7 +12,7 @@ from pipelines.labels import FINDINGS
 from tests.train_fixtures import write_run
 from trainers import TrainConfig, load_checkpoint, prepare_input
 from tuning import default_space, load_space, run_search
-from tuning.search import TRIAL_DRIVER_RESOURCES, max_concurrent_trials
+from tuning.search import TRIAL_DRIVER_RESOURCES, max_concurrent_trials, state_api_reachable
 from tuning.trial import run_trial
 
 pytestmark = pytest.mark.ray
@@ -51,6 +51,7 @@ def test_a_trial_stopped_early_gives_its_workers_back(ray_local, tmp_path):
     """Tune kills the process of a trial it stops (as ASHA does); Ray Train V2 must still free that
     trial's worker reservation (ray-project/ray#54305), or an early-stopping search on a small
     cluster runs out of CPUs and hangs."""
+    assert state_api_reachable()  # what Train's placement-group cleaner relies on
     run = write_run(tmp_path / "run", n_train=24, n_val=12, image_size=32)
     base = TrainConfig(**{**BASE, "epochs": 4})
     param_space = {"base": base.to_dict(), "run_dir": str(run), "train_storage": str(tmp_path / "ray" / "train")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,18 @@ def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
         need = f"{per_trial_cpu:g} CPU" + (f" and {cfg.workers * cfg.gpus_per_worker:g} GPU" if cfg.use_gpu else " plus 1 CPU for data reads")
         raise ValueError(f"one trial needs {need}; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
     return fits
+
+
+def state_api_reachable() -> bool:
+    """Whether the cluster serves Ray's state API (the dashboard). Ray Train V2 needs it to free the
+    workers of a trial that early stopping killed (ray-project/ray#54305)."""
+    from ray.util.state import list_actors  # noqa: PLC0415
+
+    try:
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - unreachable for any reason means the same to the caller
+        return False
+    return True
 
 
 def run_search(
@@ -95,6 +108,14 @@ def run_search(
             # Tune's live status tables help at a terminal and flood a CI or job log: the result
             # table at the end says it all there.
             run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0), verbose=1 if sys.stdout.isatty() else 0),
+        )
+    if asha and not state_api_reachable():
+        warnings.warn(
+            "the cluster has no Ray dashboard, so trials ASHA stops keep their workers' CPUs/GPUs "
+            "reserved (ray-project/ray#54305) and the search may stall; start the head with the "
+            "dashboard (`ray start --head --dashboard-host=127.0.0.1`) or pass --no-asha",
+            RuntimeWarning,
+            stacklevel=2,
         )
     grid = tuner.fit()
     table = results_table(grid, base.epochs)
