@@ -17,6 +17,7 @@ from trainers.checkpoint import load_checkpoint, model_info, prepare_input, read
 from trainers.config import TrainConfig
 from trainers.data import apply_uncertain, row_keys, to_tensor_batch
 from trainers.inputs import StartedIterator, memory_batches
+from trainers.loop import initial_model
 from trainers.losses import MultiLabelBCE, class_weights, make_criterion
 from trainers.metrics import auroc_metrics, mean_auroc, per_finding_auroc
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
@@ -151,6 +152,15 @@ def test_summed_stem_equals_gray_repeated_to_three_channels():
     model.fc = reference.fc = torch.nn.Identity()
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(model.eval()(x), reference(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_seed_fixes_the_initial_weights():
+    def weights(seed: int) -> list[torch.Tensor]:
+        return list(initial_model(TrainConfig(backbone="resnet18", seed=seed)).state_dict().values())
+
+    first, again, other = weights(3), weights(3), weights(4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 def test_weights_for_another_architecture_are_refused():

@@ -140,6 +140,13 @@ def _criterion(config: dict) -> MultiLabelBCE:
     return MultiLabelBCE(*map(np.asarray, weights)) if weights else MultiLabelBCE()
 
 
+def initial_model(cfg: TrainConfig) -> nn.Module:
+    """The untrained model, its random parts (the head; a from-scratch backbone) drawn from
+    ``cfg.seed`` so the same seed starts every run, and every worker, from the same weights."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.backbone)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config`` is what ``trainers.trainer.build_trainer`` prepares: the
     TrainConfig as a dict, image size and normalisation, class weights, the sampling plan, the
@@ -153,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = SamplingPlan(**config["plan"])
     per_epoch = plan.mode != "none"
 
-    model = build_model(cfg.backbone)
+    model = initial_model(cfg)
     start_epoch, history, state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
