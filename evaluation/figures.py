@@ -48,6 +48,14 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _unit_axes(ax: plt.Axes, xlabel: str, ylabel: str) -> None:
+    """Axes of a per-finding panel whose both axes are rates or probabilities."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -68,10 +76,7 @@ def roc_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict, path: 
         ax.text(0.97, 0.05, f"AUROC {_fmt(m['auroc'])}\n({_fmt(m['ci_low'])}–{_fmt(m['ci_high'])})",
                 ha="right", va="bottom", transform=ax.transAxes, fontsize=8.5,
                 bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("1 − specificity")
-        ax.set_ylabel("sensitivity")
+        _unit_axes(ax, "1 − specificity", "sensitivity")
     return _save(fig, path)
 
 
@@ -87,10 +92,7 @@ def pr_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict, path: P
         ax.set_title(name.replace("_", " "))
         ax.text(0.97, 0.95, f"AP {_fmt(m['ap'])}\nprevalence {_fmt(m['prevalence'])}", ha="right", va="top",
                 transform=ax.transAxes, fontsize=8.5, bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall (sensitivity)")
-        ax.set_ylabel("precision (PPV)")
+        _unit_axes(ax, "recall (sensitivity)", "precision (PPV)")
     return _save(fig, path)
 
 
@@ -108,10 +110,7 @@ def reliability_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict
         ax.set_title(name.replace("_", " "))
         ax.text(0.05, 0.95, f"ECE {_fmt(per_finding[name].get('ece'), 3)}", ha="left", va="top", transform=ax.transAxes,
                 fontsize=8.5, bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("predicted probability")
-        ax.set_ylabel("observed frequency")
+        _unit_axes(ax, "predicted probability", "observed frequency")
     return _save(fig, path)
 
 
