@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.atomic import staged_dir, write_json
 from pipelines.labels import FINDINGS
-from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
+from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, write_parquet
+from pipelines.manifest import empty_quarantine, replace_stage_quarantine, write_table
 from pipelines.rundir import RunDir
 
 
@@ -25,11 +27,20 @@ def _concat(*tables: pd.DataFrame) -> pd.DataFrame:
 
 
 def manifest_of(run: RunDir) -> pd.DataFrame:
-    return read_table(run.manifest, "manifest", f"run `cxr ingest --run {run.root}` first")
+    return current_manifest(run)
 
 
-def splits_of(run: RunDir) -> pd.DataFrame:
-    return read_table(run.splits, "splits", f"run `cxr split --run {run.root}` first")
+def splits_of(run: RunDir, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The run's splits, refused when drawn from another manifest than the run holds now."""
+    return current_splits(run, manifest_of(run) if manifest is None else manifest)
+
+
+def _write_manifest(run: RunDir, manifest: pd.DataFrame, quarantine: pd.DataFrame, source: dict) -> None:
+    """``source.json`` (naming the new manifest's fingerprint) first, the manifest last: a kill in
+    between leaves a manifest that does not match ``source.json``, which every later verb refuses."""
+    write_json(run.source_json, {**source, "manifest_fingerprint": fingerprint(manifest)})
+    write_table(quarantine, run.quarantine)
+    write_table(manifest, run.manifest)
 
 
 def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False) -> str:
@@ -44,21 +55,18 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
     manifest = drop_failed(suite, result.manifest)
     quarantine = _concat(result.quarantine, rejected)
     assert len(manifest) + len(quarantine) == result.rows_in, "ingest lost or duplicated rows"
-    write_table(manifest, run.manifest)
-    write_table(quarantine, run.quarantine)
-    run.source_json.write_text(
-        json.dumps(
-            {
-                "source": source,
-                "label_file": str(Path(label_file).resolve()),
-                "images": str(Path(images).resolve()),
-                "rows_in": result.rows_in,
-                "manifest_rows": len(manifest),
-                "quarantined": len(quarantine),
-            },
-            indent=2,
-        )
-        + "\n"
+    _write_manifest(
+        run,
+        manifest,
+        quarantine,
+        {
+            "source": source,
+            "label_file": str(Path(label_file).resolve()),
+            "images": str(Path(images).resolve()),
+            "rows_in": result.rows_in,
+            "manifest_rows": len(manifest),
+            "quarantined": len(quarantine),
+        },
     )
     summary_path = write_summary([suite], run.validation)
     lines = [
@@ -85,16 +93,18 @@ def validate_stage(run: RunDir, warn_only: bool = False, test_frac: float | None
         rejected = quarantine_from(results[0], manifest, stage="validate-manifest")
         kept = drop_failed(results[0], manifest)
         existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else empty_quarantine()
-        write_table(_concat(existing, rejected), run.quarantine)
-        write_table(kept, run.manifest)
+        source = _source_info(run) if run.source_json.exists() else {}
+        _write_manifest(run, kept, _concat(existing, rejected), {**source, "manifest_rows": len(kept), "quarantined": len(existing) + len(rejected)})
         lines.append(f"validate: moved {len(rejected)} manifest row(s) to the quarantine; {len(kept)} remain")
         manifest = kept
-    if run.splits.exists():
+    if run.splits.exists() and results[0].failed_rows:
+        lines.append(f"validate: {run.splits} was drawn from the manifest before these rows left it: re-run `cxr split --run {run.root}`")
+    elif run.splits.exists():
         report = json.loads(run.split_report.read_text()) if run.split_report.exists() else {}
         results.append(
             validate_splits(
                 manifest,
-                splits_of(run),
+                splits_of(run, manifest),
                 run.validation,
                 test_frac=test_frac if test_frac is not None else report.get("test_frac", 0.15),
                 val_frac=val_frac if val_frac is not None else report.get("val_frac", 0.15),
@@ -129,8 +139,8 @@ def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: i
         "patients_in_two_splits": shared,
     }
     raise_on_table_failures([suite], warn_only=warn_only)
-    write_table(result.splits, run.splits)
-    run.split_report.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(run.split_report, report)
+    write_parquet(result.splits, run.splits, made_from={"manifest": fingerprint(manifest)})
     lines = [
         "split (patient-level, drawn test -> val -> train):",
         *[f"  {s:<5} {c['images']:>6} images  {c['patients']:>6} patients" for s, c in report["counts"].items()],
@@ -145,22 +155,32 @@ def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: i
 
 
 def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None) -> str:
-    """Ray Data preprocessing; undecodable images go to the quarantine; the image suite runs on the result."""
-    from pipelines.preprocess import preprocess, write_stats  # noqa: PLC0415
+    """Ray Data preprocessing; undecodable images go to the quarantine; the image suite runs on the result.
+
+    The shards are built in a staging folder and swapped in only when complete, with a lineage
+    record shared with ``stats.json``: a killed or interrupted re-run leaves the previous shards
+    (or, killed mid-swap, none), never a partial set that a later verb accepts."""
+    from pipelines.lineage import shards_made_from, write_shards_lineage  # noqa: PLC0415
+    from pipelines.preprocess import preprocess  # noqa: PLC0415
     from validation import REJECT_FLAGS, format_summary, image_checks, validate_images, write_summary  # noqa: PLC0415
 
-    manifest, splits, info = manifest_of(run), splits_of(run), _source_info(run)
-    result = preprocess(manifest, splits, Path(info["images"]), run.shards, image_size=image_size, num_blocks=num_blocks, checks=image_checks, reject_flags=REJECT_FLAGS)
-    suite = validate_images(result.image_table, run.validation, image_size=image_size)
-    # The GX verdicts name the reasons; the batch flags already kept those images out of the shards.
-    table = result.image_table.reset_index(drop=True)
-    verdicts = {table.at[p, "image_id"]: "; ".join(r) for p, r in suite.failed_rows.items()}
-    unrouted = set(verdicts) - set(result.quarantine["image_id"])
-    if unrouted:
-        raise RuntimeError(f"image suite rejected images the batch checks let through (thresholds disagree): {sorted(unrouted)[:5]}")
-    quarantine = result.quarantine.assign(reason=[f"{verdicts[i]}: {r}" if i in verdicts else r for i, r in zip(result.quarantine["image_id"], result.quarantine["reason"])])
-    replace_stage_quarantine(run.quarantine, "preprocess", quarantine)
-    write_stats(result.stats, run.stats)
+    manifest = manifest_of(run)
+    splits, info = splits_of(run, manifest), _source_info(run)
+    lineage = shards_made_from(manifest, splits)
+    with staged_dir(run.shards) as staging:
+        result = preprocess(manifest, splits, Path(info["images"]), staging, image_size=image_size, num_blocks=num_blocks, checks=image_checks, reject_flags=REJECT_FLAGS)
+        suite = validate_images(result.image_table, run.validation, image_size=image_size)
+        # The GX verdicts name the reasons; the batch flags already kept those images out of the shards.
+        table = result.image_table.reset_index(drop=True)
+        verdicts = {table.at[p, "image_id"]: "; ".join(r) for p, r in suite.failed_rows.items()}
+        unrouted = set(verdicts) - set(result.quarantine["image_id"])
+        if unrouted:
+            raise RuntimeError(f"image suite rejected images the batch checks let through (thresholds disagree): {sorted(unrouted)[:5]}")
+        quarantine = result.quarantine.assign(reason=[f"{verdicts[i]}: {r}" if i in verdicts else r for i, r in zip(result.quarantine["image_id"], result.quarantine["reason"])])
+        replace_stage_quarantine(run.quarantine, "preprocess", quarantine)
+        write_shards_lineage(staging, lineage)
+    stats = {**result.stats, **lineage}
+    write_json(run.stats, stats)
     summary_path = write_summary([suite], run.validation)
     lines = [
         f"preprocess: {sum(result.written.values())} images at {image_size}x{image_size} "
@@ -178,14 +198,14 @@ def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
     from pipelines.eda import run_eda  # noqa: PLC0415
 
     manifest, info = manifest_of(run), _source_info(run)
-    splits = splits_of(run) if run.splits.exists() else None
-    stats = json.loads(run.stats.read_text()) if run.stats.exists() else None
+    splits = splits_of(run, manifest) if run.splits.exists() else None
+    stats = current_shards(run, splits) if run.stats.exists() and splits is not None else None
     result = run_eda(
         manifest,
         Path(info["images"]),
         run.eda,
         splits=splits,
-        shards=run.shards if run.shards.exists() else None,
+        shards=run.shards if stats is not None else None,
         stats=stats,
         sample_size=sample_size,
         seed=seed,
@@ -199,9 +219,12 @@ def _auroc_lines(metrics: dict, prefix: str = "val_auroc_") -> list[str]:
 
 def train_stage(run: RunDir, cfg) -> str:
     """Ray Train on the run's shards; the best epoch's checkpoint lands in ``<run>/train/best``."""
+    from pipelines.lineage import write_model_lineage  # noqa: PLC0415
     from trainers import fit  # noqa: PLC0415
 
+    stats = current_shards(run)
     result = fit(run.root, cfg)
+    write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
         f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.freeze}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
@@ -216,9 +239,12 @@ def train_stage(run: RunDir, cfg) -> str:
 
 def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, resume: bool, grace_period: int = 1) -> str:
     """Ray Tune over training strategies; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
+    from pipelines.lineage import write_model_lineage  # noqa: PLC0415
     from tuning import run_search  # noqa: PLC0415
 
+    stats = current_shards(run)
     result = run_search(run.root, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
+    write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
     shown = result.table.drop(columns=[c for c in hidden if c in result.table])
     lines = [
@@ -243,6 +269,7 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
     calibration, robustness and subgroups, in ``<run>/eval``."""
     from evaluation import evaluate_run  # noqa: PLC0415
 
+    _check_inputs(run, checkpoint)
     result = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=robustness)
     m = result.metrics
     mean = m["mean"]
@@ -258,6 +285,16 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
     return "\n".join(lines)
 
 
+def _check_inputs(run: RunDir, checkpoint: Path | None) -> None:
+    """Evaluate and explain read the shards and the run's own checkpoint: both must be current."""
+    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
+    from pipelines.lineage import check_model_lineage  # noqa: PLC0415
+
+    stats = current_shards(run)
+    if checkpoint is None:
+        check_model_lineage(run, resolve_checkpoint(run.root), stats)
+
+
 def _fmt(value) -> str:
     return "  -  " if value is None or value != value else f"{value:.3f}"
 
@@ -266,6 +303,7 @@ def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int =
     """Grad-CAM gallery (TP/FP/FN) and the pointing game against radiologist boxes, in ``<run>/explain``."""
     from evaluation import explain_run  # noqa: PLC0415
 
+    _check_inputs(run, checkpoint)
     result = explain_run(run.root, checkpoint, max_images=max_images)
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
 

@@ -6,7 +6,6 @@ Thresholds are chosen on validation and only reported on test; intervals resampl
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from evaluation.metrics import auroc, average_precision, nan_to_none, prevalence
 from evaluation.operating_points import choose_threshold, operating_metrics
 from evaluation.robustness import robustness_table
 from evaluation.subgroups import MEAN, subgroup_table
+from pipelines.atomic import staged_dir, write_json
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
@@ -147,51 +147,54 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
         "findings": [findings[j] for j in defined],
     }
 
-    out = run.eval
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out / "predictions.parquet", index=False)
-    _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
-    shown = [findings[j] for j in defined]
-    made: dict[str, Path] = {}
-    if shown:
-        made["roc"] = figures.roc_grid(frame, shown, per_finding, out / "figures" / "roc.png")
-        made["pr"] = figures.pr_grid(frame, shown, per_finding, out / "figures" / "pr.png")
-        made["calibration"] = figures.reliability_grid(frame, shown, per_finding, out / "figures" / "calibration.png")
+    # Built in a staging folder and swapped in whole: an interrupted evaluation leaves the last
+    # complete eval/ (which explain and report read), never a mix of two.
+    with staged_dir(run.eval) as out:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(out / "predictions.parquet", index=False)
+        _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
+        shown = [findings[j] for j in defined]
+        made: dict[str, Path] = {}
+        if shown:
+            made["roc"] = figures.roc_grid(frame, shown, per_finding, out / "figures" / "roc.png")
+            made["pr"] = figures.pr_grid(frame, shown, per_finding, out / "figures" / "pr.png")
+            made["calibration"] = figures.reliability_grid(frame, shown, per_finding, out / "figures" / "calibration.png")
 
-    robust = None
-    if robustness and shown:
-        robust = robustness_table(lambda images: predict_arrays(model, info, images), test.images, labels, findings,
-                                  seed=seed, clean_probs=test_probs)
-        robust.to_csv(out / "robustness.csv", index=False)
-        made["robustness"] = figures.robustness_plot(robust, out / "figures" / "robustness.png")
+        robust = None
+        if robustness and shown:
+            robust = robustness_table(lambda images: predict_arrays(model, info, images), test.images, labels, findings,
+                                      seed=seed, clean_probs=test_probs)
+            robust.to_csv(out / "robustness.csv", index=False)
+            made["robustness"] = figures.robustness_plot(robust, out / "figures" / "robustness.png")
 
-    groups = None
-    if any(c in frame for c in META_COLUMNS):
-        overall = {name: (per_finding[name]["auroc"] if per_finding[name]["auroc"] is not None else math.nan)
-                   for name in findings}
-        groups = subgroup_table(frame, findings, overall, n_boot=n_boot, seed=seed)
-        groups.to_csv(out / "subgroups.csv", index=False)
-        if not groups.empty and shown:
-            made["subgroups"] = figures.subgroup_plot(groups, mean, out / "figures" / "subgroups.png")
+        groups = None
+        if any(c in frame for c in META_COLUMNS):
+            overall = {name: (per_finding[name]["auroc"] if per_finding[name]["auroc"] is not None else math.nan)
+                       for name in findings}
+            groups = subgroup_table(frame, findings, overall, n_boot=n_boot, seed=seed)
+            groups.to_csv(out / "subgroups.csv", index=False)
+            if not groups.empty and shown:
+                made["subgroups"] = figures.subgroup_plot(groups, mean, out / "figures" / "subgroups.png")
 
-    metrics = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "backbone": info.get("backbone"),
-        "image_size": size,
-        "split": "test",
-        "n_images": int(len(frame)),
-        "n_patients": int(frame["patient_id"].nunique()),
-        "val_images": int(len(val.frame)),
-        "bootstrap": {"unit": "patient", "n_boot": n_boot, "seed": seed, "level": 0.95, "method": "percentile"},
-        "operating_point": {"rule": threshold_rule, "chosen_on": "val"},
-        "per_finding": per_finding,
-        "mean": mean,
-        "mean_auroc": mean["auroc"],
-        "view_shift": _view_shift(groups),
-        "files": {"predictions": "predictions.parquet", "val_predictions": "val_predictions.parquet",
-                  **({"robustness": "robustness.csv"} if robust is not None else {}),
-                  **({"subgroups": "subgroups.csv"} if groups is not None else {})},
-        "figures": {k: str(p.relative_to(out)) for k, p in made.items()},
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return EvalResult(out, metrics, frame, robust, groups, made)
+        metrics = {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "backbone": info.get("backbone"),
+            "image_size": size,
+            "split": "test",
+            "n_images": int(len(frame)),
+            "n_patients": int(frame["patient_id"].nunique()),
+            "val_images": int(len(val.frame)),
+            "bootstrap": {"unit": "patient", "n_boot": n_boot, "seed": seed, "level": 0.95, "method": "percentile"},
+            "operating_point": {"rule": threshold_rule, "chosen_on": "val"},
+            "per_finding": per_finding,
+            "mean": mean,
+            "mean_auroc": mean["auroc"],
+            "view_shift": _view_shift(groups),
+            "files": {"predictions": "predictions.parquet", "val_predictions": "val_predictions.parquet",
+                      **({"robustness": "robustness.csv"} if robust is not None else {}),
+                      **({"subgroups": "subgroups.csv"} if groups is not None else {})},
+            "figures": {k: str(p.relative_to(out)) for k, p in made.items()},
+        }
+        write_json(out / "metrics.json", metrics)
+    made = {k: run.eval / p.relative_to(out) for k, p in made.items()}
+    return EvalResult(run.eval, metrics, frame, robust, groups, made)

@@ -8,7 +8,6 @@ image that has a radiologist box.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from evaluation.inference import predict_arrays, resolve_checkpoint
 from evaluation.overlay import Panel, render
 from evaluation.pointing import NIH_BOX_FRAME, TOLERANCE, box_to_model, play, summarize
 from evaluation.predict import decode_all, decode_images
+from pipelines.atomic import staged_dir
 from pipelines.imaging import decode_file
 from pipelines.rundir import RunDir
 
@@ -192,10 +192,6 @@ def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int =
     manifest = pd.read_parquet(run.manifest, columns=["image_id", "path"])
     image_root = Path(json.loads(run.source_json.read_text())["images"])
     path_of = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
-    out = run.root / "explain"
-    for stale in (out / "gallery", out / "boxed"):  # a re-run must not leave the last run's images behind
-        shutil.rmtree(stale, ignore_errors=True)
-
     items = gallery_items(predictions, per_finding, max_images)
     model, info = load_checkpoint(checkpoint)
     findings = list(info["findings"])
@@ -203,34 +199,39 @@ def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int =
     pixels = decode_images(files, int(info["image_size"]))
     with HeatmapMaker(model, info) as maker:
         maps = maker.heatmaps(pixels, [findings.index(f) for f in items["finding"]])
-    written = []
-    for k, (item, heatmap) in enumerate(zip(items.itertuples(), maps)):
-        panel = Panel(item.finding, heatmap, _caption(item.prob, item.threshold, item.category))
-        name = f"{k:02d}_{item.category}_{item.finding}_{Path(item.image_id).stem}.png"
-        title = f"{item.image_id}: {CATEGORIES[item.category]}, {item.finding.replace('_', ' ')}"
-        written.append(render(pixels[k], [panel], title, out / "gallery" / name))
-    items["png"] = [str(p.relative_to(out)) for p in written]
-    (out / "gallery").mkdir(parents=True, exist_ok=True)
-    items.to_csv(out / "gallery.csv", index=False)
+    # Built in a staging folder and swapped in whole: a re-run never mixes its images with the
+    # last run's, and an interrupted one leaves the last complete explain/.
+    final = run.root / "explain"
+    with staged_dir(final) as out:
+        written = []
+        for k, (item, heatmap) in enumerate(zip(items.itertuples(), maps)):
+            panel = Panel(item.finding, heatmap, _caption(item.prob, item.threshold, item.category))
+            name = f"{k:02d}_{item.category}_{item.finding}_{Path(item.image_id).stem}.png"
+            title = f"{item.image_id}: {CATEGORIES[item.category]}, {item.finding.replace('_', ' ')}"
+            written.append(render(pixels[k], [panel], title, out / "gallery" / name))
+        items["png"] = [str(p.relative_to(out)) for p in written]
+        (out / "gallery").mkdir(parents=True, exist_ok=True)
+        items.to_csv(out / "gallery.csv", index=False)
 
-    pointing, summary, boxed_written, boxed_predictions = pd.DataFrame(), {}, [], pd.DataFrame()
-    box_file = find_box_file(run)
-    if box_file is not None:
-        boxes = read_boxes(box_file)
-        held_out = set(pd.read_parquet(run.splits).query("split != 'train'")["image_id"].astype(str)) \
-            if run.splits.exists() else set(predictions["image_id"])
-        boxed_ids = sorted(set(boxes["image_id"]) & held_out & set(path_of))[:max_boxed]
-        if boxed_ids:
-            boxed_files = [image_root / path_of[i] for i in boxed_ids]
-            widths = [decode_file(p, 8).orig_width for p in boxed_files]  # the whole list decides the frame
-            result = explain(checkpoint, boxed_files, out / "boxed", boxes[boxes["image_id"].isin(boxed_ids)],
-                             thresholds, box_frame_for(boxes, widths), tolerance, predicted=False)
-            pointing, summary, boxed_written = result.pointing, result.summary, result.images
-            boxed_predictions = result.predictions
-            if summary:
-                summary["box_file"] = str(box_file)
-                summary["splits"] = "val+test" if run.splits.exists() else "test"
-                (out / "pointing.json").write_text(json.dumps(summary, indent=2) + "\n")
-                pointing.to_csv(out / "pointing.csv", index=False)
-                figures.pointing_plot(summary, out / "pointing.png")
-    return ExplainResult(out, written + boxed_written, boxed_predictions, pointing, summary, gallery=items)
+        pointing, summary, boxed_written, boxed_predictions = pd.DataFrame(), {}, [], pd.DataFrame()
+        box_file = find_box_file(run)
+        if box_file is not None:
+            boxes = read_boxes(box_file)
+            held_out = set(pd.read_parquet(run.splits).query("split != 'train'")["image_id"].astype(str)) \
+                if run.splits.exists() else set(predictions["image_id"])
+            boxed_ids = sorted(set(boxes["image_id"]) & held_out & set(path_of))[:max_boxed]
+            if boxed_ids:
+                boxed_files = [image_root / path_of[i] for i in boxed_ids]
+                widths = [decode_file(p, 8).orig_width for p in boxed_files]  # the whole list decides the frame
+                result = explain(checkpoint, boxed_files, out / "boxed", boxes[boxes["image_id"].isin(boxed_ids)],
+                                 thresholds, box_frame_for(boxes, widths), tolerance, predicted=False)
+                pointing, summary, boxed_written = result.pointing, result.summary, result.images
+                boxed_predictions = result.predictions
+                if summary:
+                    summary["box_file"] = str(box_file)
+                    summary["splits"] = "val+test" if run.splits.exists() else "test"
+                    (out / "pointing.json").write_text(json.dumps(summary, indent=2) + "\n")
+                    pointing.to_csv(out / "pointing.csv", index=False)
+                    figures.pointing_plot(summary, out / "pointing.png")
+    images = [final / p.relative_to(out) for p in written + boxed_written]
+    return ExplainResult(final, images, boxed_predictions, pointing, summary, gallery=items)

@@ -9,7 +9,6 @@ few blocks at a time (Ray Data's streaming executor).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -135,6 +134,8 @@ def preprocess(
         raise ValueError(f"{len(manifest) - len(rows)} manifest image(s) have no split: run `cxr split` again")
     root = Path(images_root).resolve()
     rows = rows.assign(abs_path=[_key(root / p) for p in rows["path"]])
+    refused = _refuse_before_reading(rows, root)
+    rows = rows.drop(index=refused.index)
     meta = {r["abs_path"]: {k: r[k] for k in ("image_id", "patient_id", "split", *FINDINGS)} for r in rows.to_dict("records")}
     shards = Path(shards)
     if shards.exists():
@@ -147,10 +148,28 @@ def preprocess(
     )
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks, "reject_flags": tuple(reject_flags)})
     ds.write_parquet(str(shards), partition_cols=["split"])
-    return _collect(rows, shards, image_size, tuple(reject_flags))
+    return _collect(rows, refused, shards, image_size, tuple(reject_flags))
 
 
-def _collect(rows: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...]) -> PreprocessResult:
+def _refuse_before_reading(rows: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Rows not to read, with a ``reason``. Ingest checked every path, but a file swapped for a link
+    since then is caught here, and rows naming one file twice (a manifest from another tool) would
+    write one image under two ids."""
+    escapes = pd.Series([not inside_root(root, p) for p in rows["abs_path"]], index=rows.index)
+    shared = rows["abs_path"].duplicated(keep=False) & ~escapes
+    reasons = pd.Series("", index=rows.index)
+    reasons[escapes] = "path escapes image root (a link now resolves outside it; checked when read)"
+    reasons[shared] = [f"duplicate file: {n} rows name {p}" for p, n in zip(rows.loc[shared, "path"], rows.loc[shared].groupby("abs_path")["abs_path"].transform("size"))]
+    return rows[reasons != ""].assign(reason=reasons[reasons != ""])
+
+
+def inside_root(root: Path, path: str) -> bool:
+    """Whether ``path`` (links followed) still lies inside ``root``, checked when it is read."""
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(real_root + os.sep)
+
+
+def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...]) -> PreprocessResult:
     """Read back only the small columns to account for every input image and build the stats."""
     small = ["image_id", "orig_width", "orig_height", "orig_mode", "pixel_mean", "pixel_std", "clipped_frac", "error", *reject_flags]
     parts = []
@@ -166,13 +185,17 @@ def _collect(rows: pd.DataFrame, shards: Path, image_size: int, reject_flags: tu
     seen = set(table["image_id"])
     unread = rows[~rows["image_id"].isin(seen)]
     failed = table[table["split"] == FAILED]
-    records = rows.set_index("image_id")
+    records = pd.concat([rows, refused]).set_index("image_id")
     reasons = [_failure_reason(r, reject_flags) for r in failed.to_dict("records")] + ["missing file (gone since ingest)"] * len(unread)
-    ids = list(failed["image_id"]) + list(unread["image_id"])
+    reasons += list(refused["reason"])
+    ids = list(failed["image_id"]) + list(unread["image_id"]) + list(refused["image_id"])
     quarantine = quarantine_records(STAGE, reasons, ids, [None] * len(ids), [records.loc[i, ["path", "patient_id"]].to_dict() | {"image_id": i} for i in ids])
-    image_table = pd.concat([table.assign(decoded=table["error"] == ""), pd.DataFrame({"image_id": unread["image_id"], "decoded": False, "error": "missing file"})], ignore_index=True)
+    not_read = pd.DataFrame({"image_id": [*unread["image_id"], *refused["image_id"]], "decoded": False,
+                             "error": ["missing file"] * len(unread) + list(refused["reason"])})
+    image_table = pd.concat([table.assign(decoded=table["error"] == ""), not_read], ignore_index=True)
     written = {s: int((table["split"] == s).sum()) for s in SPLITS}
-    assert sum(written.values()) + len(quarantine) == len(rows), "preprocess lost or duplicated images"
+    if sum(written.values()) + len(quarantine) != len(rows) + len(refused):
+        raise RuntimeError(f"preprocess lost or duplicated images: {len(rows) + len(refused)} in, {sum(written.values())} written + {len(quarantine)} quarantined")
     return PreprocessResult(written, quarantine, train_intensity_stats(shards, image_size), image_table)
 
 
@@ -180,7 +203,3 @@ def _failure_reason(row: dict, reject_flags: tuple[str, ...]) -> str:
     if row["error"]:
         return f"cannot decode: {row['error']}"
     return "failed image checks: " + ", ".join(f for f in reject_flags if row.get(f))
-
-
-def write_stats(stats: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(stats, indent=2) + "\n")
