@@ -75,3 +75,29 @@ def test_file_deleted_after_ingest_is_quarantined_not_fatal(tmp_path, collection
     reasons = dict(zip(result.quarantine["image_id"], result.quarantine["reason"]))
     assert reasons["00000005_000.png"].startswith("missing file")
     assert sum(result.written.values()) + len(result.quarantine) == len(manifest)
+
+
+def test_a_file_swapped_for_an_outside_link_after_ingest_is_not_read(tmp_path, collection, ray_local):
+    manifest, splits, images, bad = collection
+    outside = write_png(tmp_path / "elsewhere" / "secret.png", chest_like(40, seed=7))
+    swapped = images / "00000005_000.png"
+    swapped.unlink()
+    swapped.symlink_to(outside)
+    result = preprocess(manifest, splits, images, tmp_path / "shards", image_size=16, num_blocks=2)
+    reasons = dict(zip(result.quarantine["image_id"], result.quarantine["reason"]))
+    assert reasons["00000005_000.png"].startswith("path escapes image root")
+    written = pd.concat([pd.read_parquet(split_dir(tmp_path / "shards", s), columns=["image_id"]) for s in ("train", "val", "test")])
+    assert "00000005_000.png" not in set(written["image_id"])
+    assert sum(result.written.values()) + len(result.quarantine) == len(manifest)
+
+
+def test_rows_naming_one_file_twice_are_quarantined_not_asserted(tmp_path, collection, ray_local):
+    """A manifest from another tool can name one file under two ids (``x.png`` and ``./x.png``)."""
+    manifest, splits, images, bad = collection
+    twin = manifest.iloc[[0]].assign(image_id="twin", path="./" + manifest.iloc[0]["path"])
+    manifest = pd.concat([manifest, twin], ignore_index=True)
+    splits = pd.concat([splits, pd.DataFrame({"image_id": ["twin"], "patient_id": [twin.iloc[0]["patient_id"]], "split": [splits.iloc[0]["split"]]})], ignore_index=True)
+    result = preprocess(manifest, splits, images, tmp_path / "shards", image_size=16, num_blocks=2)
+    reasons = dict(zip(result.quarantine["image_id"], result.quarantine["reason"]))
+    assert reasons["twin"].startswith("duplicate file: 2 rows") and reasons[manifest.iloc[0]["image_id"]].startswith("duplicate file")
+    assert sum(result.written.values()) + len(result.quarantine) == len(manifest)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.rundir import RunDir
 from pipelines.shards import read_stats
-from trainers.checkpoint import INFO_FILE, MODEL_FILE, read_history
+from trainers.checkpoint import read_history
 from trainers.config import TrainConfig
 from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
+from trainers.publish import publish_best
 from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
@@ -129,14 +129,8 @@ def write_outputs(result, run_dir: Path, cfg: TrainConfig) -> TrainResult:
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
     out = RunDir(run_dir).train
     out.mkdir(parents=True, exist_ok=True)
-    best_dir, staging = out / "best", out / "best.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     with best_checkpoint.as_directory() as directory:
-        for name in (MODEL_FILE, INFO_FILE):
-            shutil.copy2(Path(directory) / name, staging / name)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    staging.rename(best_dir)
+        best_dir = publish_best(Path(directory), out / "best")
     with result.checkpoint.as_directory() as directory:  # the latest carries every epoch's row
         history = pd.DataFrame(read_history(directory))
     history.to_csv(out / "history.csv", index=False)

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipelines.rundir import RunDir
 from trainers import TrainConfig
+from trainers.publish import publish_best
 from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
 from tuning.trial import run_trial
 
@@ -130,14 +131,7 @@ def _copy_best(grid, best_dir: Path) -> Path | None:
     source = best_checkpoint_path(grid)
     if source is None:
         return None
-    staging = best_dir.with_name(best_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in ("model.pt", "model.json"):
-        shutil.copy2(Path(source) / name, staging / name)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    staging.rename(best_dir)
-    return best_dir
+    return publish_best(Path(source), best_dir)
 
 
 __all__ = ["CHECKPOINT_KEY", "SearchResult", "max_concurrent_trials", "run_search"]
