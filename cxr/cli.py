@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: <run>/tune/best, else <run>/train/best)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
     p.add_argument("--no-robustness", action="store_true", help="skip the perturbation sweep")
+    p.add_argument("--subgroups", default=None, metavar="COL[,COL...]", help="manifest columns to break results down by (at most 20 values each; default: every one of sex, age_band, view, cohort present)")
 
     p = verbs.add_parser("explain", help="Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes", formatter_class=fmt)
     p.add_argument("--run", type=Path, metavar="DIR", default=None, help="explain a run: gallery of test images and the pointing game (needs cxr evaluate)")
@@ -211,7 +212,8 @@ def dispatch(args: argparse.Namespace) -> str:
         raise ValueError("explain needs --run DIR, or --images with --checkpoint and --out")
     run = RunDir(args.run)
     if args.verb == "evaluate":
-        return stages.evaluate_stage(run, args.checkpoint, n_boot=args.bootstrap, robustness=not args.no_robustness)
+        columns = [c.strip() for c in args.subgroups.split(",") if c.strip()] if args.subgroups else None
+        return stages.evaluate_stage(run, args.checkpoint, n_boot=args.bootstrap, robustness=not args.no_robustness, subgroups=columns)
     if args.verb == "explain":
         return stages.explain_stage(run, args.checkpoint, max_images=args.max_images)
     if args.verb == "report":

@@ -103,6 +103,7 @@ class TuneSection:
 class EvaluateSection:
     enabled: bool = True
     checkpoint: str | None = None  # None: tune/best when tune ran, else train/best
+    subgroups: list[str] | None = None  # None: every one of sex, age_band, view, cohort present
 
 
 @dataclass

@@ -242,10 +242,12 @@ def build_stages(config: Config) -> list[Stage]:
         "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg), lambda run: _mismatch(run.train / "config.json", cfg.to_dict())),
         "tune": Stage("tune", {"tune": _section(t), "trial_base": trial_base.to_dict(), "space_file": Path(t.space).read_text() if t.space and Path(t.space).is_file() else None}, tune),
     }
+    extra = {"evaluate": {"subgroups": config.evaluate.subgroups}, "explain": {}}
     for name in ("evaluate", "explain"):
         if name in on:
             fn, given = _stage_function(name), getattr(config, name).checkpoint
-            table[name] = Stage(name, {name: _section(getattr(config, name))}, lambda run, r, fn=fn, given=given: fn(run, checkpoint=checkpoint(run, given)))
+            table[name] = Stage(name, {name: _section(getattr(config, name))},
+                                lambda run, r, fn=fn, given=given, kw=extra[name]: fn(run, checkpoint=checkpoint(run, given), **kw))
     if "report" in on:
         report = _stage_function("report")
         table["report"] = Stage("report", {}, lambda run, r: report(run))

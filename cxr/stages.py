@@ -264,13 +264,14 @@ def _pointing_line(summary: dict) -> str:
     )
 
 
-def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, robustness: bool = True) -> str:
-    """Test-split metrics with patient-bootstrap intervals, operating points from validation,
-    calibration, robustness and subgroups, in ``<run>/eval``."""
+def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, robustness: bool = True,
+                   subgroups: list[str] | None = None) -> str:
+    """Test-split metrics with patient-bootstrap intervals beside two baselines, operating points
+    from validation, calibration, robustness and subgroups, in ``<run>/eval``."""
     from evaluation import evaluate_run  # noqa: PLC0415
 
     _check_inputs(run, checkpoint)
-    result = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=robustness)
+    result = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=robustness, subgroups=subgroups)
     m = result.metrics
     mean = m["mean"]
     lines = [
@@ -281,6 +282,14 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
     for f, v in m["per_finding"].items():
         interval = f"[{_fmt(v.get('ci_low'))}-{_fmt(v.get('ci_high'))}]" if v.get("auroc") is not None else "undefined"
         lines.append(f"    {f:<19} {_fmt(v.get('auroc'))} {interval}")
+    if m.get("baselines"):
+        lines.append("  baselines (fit on train; model - baseline on the same bootstrap replicates):")
+        for name, b in m["baselines"].items():
+            lines.append(f"    {name:<19} {_fmt(b['mean_auroc'])} [{_fmt(b['ci_low'])}-{_fmt(b['ci_high'])}]  "
+                         f"model - baseline {_signed(b['diff'])} [{_signed(b['diff_ci_low'])}, {_signed(b['diff_ci_high'])}]")
+    if m.get("subgroups"):
+        lines.append(f"  subgroups by {', '.join(m['subgroups'])}: eval/subgroups.csv")
+    lines += [f"  ! {w}" for w in m.get("warnings", [])]
     lines.append(f"wrote {result.out_dir}: predictions.parquet, metrics.json, figures/")
     return "\n".join(lines)
 
@@ -293,6 +302,10 @@ def _check_inputs(run: RunDir, checkpoint: Path | None) -> None:
     stats = current_shards(run)
     if checkpoint is None:
         check_model_lineage(run, resolve_checkpoint(run.root), stats)
+
+
+def _signed(value) -> str:
+    return "  -  " if value is None or value != value else f"{value:+.3f}"
 
 
 def _fmt(value) -> str:

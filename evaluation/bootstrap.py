@@ -41,15 +41,30 @@ def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, patients: np.ndarray
                     seed: int = 0) -> np.ndarray:
     """AUROC replicates ``(n_boot, n_findings)`` for labels/scores ``(n, F)``; NaN where a
     replicate holds one class of a finding. Uncertain labels (-1) get weight 0."""
+    everyone = np.ones(len(np.asarray(labels)), dtype=bool)
+    return paired_auroc_replicates(labels, {"": scores}, patients, {"": everyone}, n_boot, seed)[("", "")]
+
+
+def paired_auroc_replicates(labels: np.ndarray, scores: dict[str, np.ndarray], patients: np.ndarray,
+                            masks: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[tuple[str, str], np.ndarray]:
+    """AUROC replicates ``(n_boot, F)`` for every (score set, row mask) pair, all from ONE draw of
+    patients per replicate: a subgroup's replicate is the whole test set's replicate restricted to
+    the subgroup's rows. Differences between any two of them (model - baseline, subgroup - all)
+    are therefore paired, and their percentile intervals account for the shared patients.
+    The same ``seed`` gives the same draws as :func:`bootstrap_auroc`."""
     labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, labels.shape[1]))
+    out = {(s, m): np.empty((n_boot, labels.shape[1])) for s in scores for m in masks}
+    as_float = {s: np.asarray(v, dtype=np.float64) for s, v in scores.items()}
     for start in range(0, n_boot, CHUNK):
         weights = patient_weights(patients, min(CHUNK, n_boot - start), rng)
+        rows = slice(start, start + len(weights))
         for j in range(labels.shape[1]):
             known = labels[:, j] >= 0
-            out[start:start + len(weights), j] = weighted_auroc(labels[known, j], scores[known, j], weights[:, known])
+            for m, mask in masks.items():
+                keep = known & np.asarray(mask, dtype=bool)
+                for s, values in as_float.items():
+                    out[(s, m)][rows, j] = weighted_auroc(labels[keep, j], values[keep, j], weights[:, keep])
     return out
 
 

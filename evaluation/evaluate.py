@@ -20,12 +20,12 @@ from evaluation.inference import load_split, predict_arrays, prediction_frame, r
 from evaluation.metrics import auroc, average_precision, nan_to_none, prevalence
 from evaluation.operating_points import choose_threshold, operating_metrics
 from evaluation.robustness import robustness_table
-from evaluation.subgroups import MEAN, subgroup_table
+from evaluation.baselines import WORDS, Baseline, compare, fit_baselines, split_thumbnails, thumbnails, verdict
+from evaluation.subgroups import MEAN, below_overall, not_beating_baselines, subgroup_columns, subgroup_table, subgroups_json
 from pipelines.atomic import staged_dir, write_json
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
-META_COLUMNS = ("sex", "age", "view")
 VIEW_SHIFT_NOTE = (
     "AUROC of the one model on PA-only and on AP-only test images. A true view-shift experiment "
     "(train on one view, test on the other) needs a model trained on one view only: run `cxr train` "
@@ -96,12 +96,35 @@ def finding_metrics(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarra
 
 
 def _with_meta(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
-    """Add sex, age and view from the manifest (for subgroups), where the run has one."""
+    """Add the manifest's other columns (sex, age, view, cohort, ...: for subgroups and the
+    metadata baseline), where the run has a manifest."""
     if not run.manifest.exists():
         return frame
-    manifest = pd.read_parquet(run.manifest, columns=["image_id", *META_COLUMNS])
-    manifest["image_id"] = manifest["image_id"].astype(str)
+    manifest = pd.read_parquet(run.manifest)
+    keep = [c for c in manifest.columns if c not in frame.columns and c not in (*FINDINGS, "path")]
+    manifest = manifest[["image_id", *keep]].assign(image_id=manifest["image_id"].astype(str))
     return frame.merge(manifest, on="image_id", how="left")
+
+
+def _baselines(run: RunDir, test: pd.DataFrame, test_images: np.ndarray, findings: list[str], size: int, seed: int) -> list[Baseline]:
+    """Both baselines, fit on the run's train split and scored on ``test``."""
+    train, train_thumbs = split_thumbnails(run.shards, "train", size)
+    train = _with_meta(train, run)
+    return fit_baselines(train, train[findings].to_numpy(np.int8), train_thumbs, test, thumbnails(test_images), seed)
+
+
+def _warnings(mean: dict, comparisons: dict[str, dict], groups: pd.DataFrame | None) -> list[str]:
+    """Where the model fails, in words: subgroups well below the overall figure, and baselines it
+    is not shown to beat (the strongest baseline overall, and inside every subgroup)."""
+    lines = below_overall(groups, mean.get("auroc")) if groups is not None else []
+    if comparisons:
+        strongest = max(comparisons, key=lambda b: comparisons[b]["mean_auroc"] if comparisons[b]["mean_auroc"] is not None else -1)
+        overall = verdict(strongest, comparisons[strongest])
+        if overall:
+            lines.append(f"Overall, the model is {overall}")
+        if groups is not None and not groups.empty:
+            lines += not_beating_baselines(groups, [strongest], WORDS)
+    return lines
 
 
 def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
@@ -116,9 +139,10 @@ def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
 
 
 def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
-                 robustness: bool = True, threshold_rule: str = "youden") -> EvalResult:
+                 robustness: bool = True, threshold_rule: str = "youden", subgroups: list[str] | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` (default: ``<run>/tune/best``, else ``<run>/train/best``) on the
-    run's test split; write ``<run>/eval/``."""
+    run's test split beside both baselines, broken down by ``subgroups`` (default: every one of
+    sex, age band, view and cohort present); write ``<run>/eval/``."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when evaluating
 
     run = RunDir(run_dir)
@@ -134,6 +158,9 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
     frame = _with_meta(prediction_frame(test, test_probs, findings), run)
     labels, val_labels = test.labels(findings), val.labels(findings)
     patients = frame["patient_id"].to_numpy()
+    columns = subgroup_columns(frame, subgroups)
+    baselines = _baselines(run, frame, test.images, findings, size, seed)
+    comparisons = {b.name: compare(labels, test_probs, patients, findings, b, n_boot, seed) for b in baselines}
 
     replicates = bootstrap_auroc(labels, test_probs, patients, n_boot, seed)
     per_finding = {name: finding_metrics(labels[:, j], test_probs[:, j], replicates[:, j], val_labels[:, j],
@@ -168,10 +195,8 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
             made["robustness"] = figures.robustness_plot(robust, out / "figures" / "robustness.png")
 
         groups = None
-        if any(c in frame for c in META_COLUMNS):
-            overall = {name: (per_finding[name]["auroc"] if per_finding[name]["auroc"] is not None else math.nan)
-                       for name in findings}
-            groups = subgroup_table(frame, findings, overall, n_boot=n_boot, seed=seed)
+        if columns:
+            groups = subgroup_table(frame, findings, columns, {b.name: b.probs for b in baselines}, n_boot=n_boot, seed=seed)
             groups.to_csv(out / "subgroups.csv", index=False)
             if not groups.empty and shown:
                 made["subgroups"] = figures.subgroup_plot(groups, mean, out / "figures" / "subgroups.png")
@@ -190,6 +215,9 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
             "mean": mean,
             "mean_auroc": mean["auroc"],
             "view_shift": _view_shift(groups),
+            "baselines": comparisons,
+            "subgroups": subgroups_json(groups, [b.name for b in baselines]) if groups is not None else {},
+            "warnings": _warnings(mean, comparisons, groups),
             "files": {"predictions": "predictions.parquet", "val_predictions": "val_predictions.parquet",
                       **({"robustness": "robustness.csv"} if robust is not None else {}),
                       **({"subgroups": "subgroups.csv"} if groups is not None else {})},

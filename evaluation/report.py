@@ -43,6 +43,8 @@ h3 { margin:18px 0 6px; font-size:16px; color:var(--head); }
 p.howto { margin:0 0 14px; padding:8px 12px; background:var(--soft); border-left:4px solid var(--accent);
           color:#33414f; font-size:14px; border-radius:0 6px 6px 0; }
 p.note { color:var(--muted); font-size:13.5px; }
+.failures { border:1px solid var(--bad); border-left:6px solid var(--bad); border-radius:8px; padding:10px 16px; margin:14px 0; }
+.failures h3 { margin:4px 0 6px; color:var(--bad); }
 .cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(200px,1fr)); gap:14px; }
 .card { background:var(--soft); border:1px solid var(--line); border-radius:8px; padding:12px 16px; }
 .card .label { color:var(--muted); font-size:12.5px; text-transform:uppercase; letter-spacing:.5px; }
@@ -277,6 +279,42 @@ def _discrimination_section(metrics: dict, eval_dir: Path) -> str:
                     body)
 
 
+BASELINE_TITLES = {"metadata": "metadata only (age, sex, view)", "image_statistics": "image statistics (32×32 thumbnail, PCA 64)"}
+
+
+def _signed(value) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def _baseline_section(metrics: dict) -> str | None:
+    baselines = metrics.get("baselines") or {}
+    if not baselines:
+        return None
+    mean = metrics["mean"]
+    rows = [[f"<b>the model</b>", f"<b>{_num(mean['auroc'])}</b>", _ci(mean["ci_low"], mean["ci_high"]), "", ""]]
+    for name, b in baselines.items():
+        beaten = b["diff_ci_low"] is not None and b["diff_ci_low"] > 0
+        rows.append([_e(BASELINE_TITLES.get(name, name)), _num(b["mean_auroc"]), _ci(b["ci_low"], b["ci_high"]),
+                     f"{_signed(b['diff'])} [{_signed(b['diff_ci_low'])}, {_signed(b['diff_ci_high'])}]",
+                     _badge(beaten, "beaten", "not shown to beat")])
+    body = _table(["", "mean AUROC", "95% CI", "model − baseline [paired 95% CI]", ""], rows, numeric={1, 2, 3})
+    findings = list(metrics["per_finding"])
+    detail = [[_e(f.replace("_", " ")), _num(metrics["per_finding"][f]["auroc"]),
+               *[f"{_num(b['per_finding'][f]['auroc'])} ({_signed(b['per_finding'][f]['diff'])})" for b in baselines.values()]]
+              for f in findings if all(b["per_finding"].get(f, {}).get("auroc") is not None for b in baselines.values())]
+    if detail:
+        body += ("<details><summary>Per finding: baseline AUROC (model − baseline)</summary>"
+                 + _table(["finding", "model", *[_e(BASELINE_TITLES.get(n, n)) for n in baselines]], detail,
+                          numeric=set(range(1, len(baselines) + 2))) + "</details>")
+    body += ('<p class="note">Both baselines are logistic regressions fit on the training split and scored on the same test '
+             "patients with the same bootstrap replicates as the model, so the difference has a paired interval. An interval "
+             "that includes 0 means the data do not show the model to be better than the baseline.</p>")
+    return _section("baselines", "The model against simple baselines (test split)",
+                    "A model is only useful where it knows more than the patient's age, sex and view, or than the coarse "
+                    "brightness layout of the image. If it does not beat these, it has learned the data set, not the disease.",
+                    body)
+
+
 def _operating_section(metrics: dict) -> str:
     rows, missing = [], []
     for name, m in metrics["per_finding"].items():
@@ -335,16 +373,32 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
     if table.empty:
         return None
     means = table[table["finding"] == "mean"]
+    def gap(r) -> str:
+        if math.isnan(r.gap):
+            return "—"
+        interval = "" if math.isnan(getattr(r, "gap_ci_low", math.nan)) else f" [{r.gap_ci_low:+.2f}, {r.gap_ci_high:+.2f}]"
+        return f"{r.gap:+.2f}{interval}"
+
+    versus = [c[len("vs_"):] for c in table.columns if c.startswith("vs_") and not c.endswith(("_ci_low", "_ci_high"))]
+
+    def against(r) -> list[str]:
+        out = []
+        for b in versus:
+            diff, low, high = getattr(r, f"vs_{b}"), getattr(r, f"vs_{b}_ci_low"), getattr(r, f"vs_{b}_ci_high")
+            out.append("—" if math.isnan(diff) else f"{diff:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]"))
+        return out
+
     rows = [[_e(r.attribute), _e(r.group), f"{r.n_images} / {r.n_patients}", _num(r.auroc), _ci(r.ci_low, r.ci_high),
              _interval_bar(None if math.isnan(r.auroc) else r.auroc, None if math.isnan(r.ci_low) else r.ci_low,
                            None if math.isnan(r.ci_high) else r.ci_high),
-             "—" if math.isnan(r.gap) else f"{r.gap:+.2f}"] for r in means.itertuples()]
+             gap(r), *against(r)] for r in means.itertuples()]
     body = ""
     if "subgroups" in metrics.get("figures", {}):
         body += _image(eval_dir / metrics["figures"]["subgroups"], "subgroup forest plot",
                        "Dots: mean AUROC in the group; bars: 95% interval; the blue band is the whole test set's interval.")
-    body += _table(["attribute", "group", "images / patients", "mean AUROC", "95% CI", "", "gap to all"], rows,
-                   numeric={2, 3, 4, 6})
+    body += _table(["attribute", "group", "images / patients", "mean AUROC", "95% CI", "", "gap to all [paired CI]",
+                    *[f"model − {_e(b.replace('_', ' '))} baseline" for b in versus]], rows,
+                   numeric={2, 3, 4, 6, *range(7, 7 + len(versus))})
     detail = table[(table["finding"] != "mean") & table["auroc"].notna()]
     if len(detail):
         rows = [[_e(r.attribute), _e(r.group), _e(r.finding.replace("_", " ")), str(r.n_positive), _num(r.auroc),
@@ -413,13 +467,16 @@ def _glance(metrics: dict | None, run: RunDir) -> str:
                       f"{sum(s['success'] for s in summary['suites'].values())} of {len(summary['suites'])} suites passed"))
     if not cards:
         return ""
-    return '<section id="summary"><h2>At a glance</h2><div class="cards">' + "".join(
+    failures = (metrics or {}).get("warnings") or []
+    box = ('<div class="failures"><h3>Where the model fails</h3><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in failures)
+           + "</ul></div>") if failures else ""
+    return '<section id="summary"><h2>At a glance</h2>' + box + '<div class="cards">' + "".join(
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div><div class="detail">{detail}</div></div>'
         for label, value, detail in cards) + "</div></section>"
 
 
 NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "training": "Training",
-              "discrimination": "AUROC", "operating-points": "Operating points", "calibration": "Calibration",
+              "discrimination": "AUROC", "baselines": "Baselines", "operating-points": "Operating points", "calibration": "Calibration",
               "robustness": "Robustness", "subgroups": "Subgroups", "explanations": "Grad-CAM"}
 
 
@@ -433,7 +490,7 @@ def write_report(run_dir: Path) -> Path:
         training = _training_section(run, Path(scratch))
     sections = [_glance(metrics, run), _data_section(run), _splits_section(run), training]
     if metrics:
-        sections += [_discrimination_section(metrics, run.eval), _operating_section(metrics),
+        sections += [_discrimination_section(metrics, run.eval), _baseline_section(metrics), _operating_section(metrics),
                      _calibration_section(metrics, run.eval), _robustness_section(metrics, run.eval),
                      _subgroup_section(metrics, run.eval)]
     sections.append(_explain_section(run))

@@ -175,7 +175,7 @@ class FakeStages:
         (run.tune / "results.csv").write_text("trial\n")
         return self._log("tune", resume=resume, workers=base.workers)
 
-    def evaluate_stage(self, run, checkpoint=None):
+    def evaluate_stage(self, run, checkpoint=None, subgroups=None):
         run.eval.mkdir(exist_ok=True)
         (run.eval / "metrics.json").write_text("{}")
         return self._log("evaluate", checkpoint=checkpoint)

@@ -15,7 +15,7 @@ from evaluation.metrics import auroc, average_precision, prevalence, weighted_au
 from evaluation.operating_points import choose_threshold, operating_metrics
 from evaluation.pointing import box_to_model, chance, expand, peak, play, summarize
 from evaluation.robustness import PERTURBATIONS, perturb, robustness_table
-from evaluation.subgroups import age_band, subgroup_table
+from evaluation.subgroups import age_band, below_overall, column_values, subgroup_columns, subgroup_table
 from tests.helpers import chest_like
 
 
@@ -262,11 +262,42 @@ def test_subgroup_table_gap_and_intervals():
     y = rng.integers(0, 2, n)
     frame["A"] = y
     frame["prob_A"] = np.where(frame["sex"] == "F", y * 0.8 + rng.random(n) * 0.2, rng.random(n))  # perfect on F
-    overall = {"A": auroc(y, frame["prob_A"].to_numpy())}
-    table = subgroup_table(frame, ["A"], overall, n_boot=200)
+    overall = auroc(y, frame["prob_A"].to_numpy())
+    table = subgroup_table(frame, ["A"], n_boot=200)
     female = table[(table.attribute == "sex") & (table.group == "F") & (table.finding == "A")].iloc[0]
-    assert female["auroc"] == 1.0 and female["gap"] == pytest.approx(1.0 - overall["A"])
-    assert set(table["attribute"]) == {"sex", "age", "view"}
+    assert female["auroc"] == 1.0 and female["gap"] == pytest.approx(1.0 - overall)
+    assert female["gap_ci_low"] > 0, "paired interval of the gap: F is better than all, beyond chance"
+    assert set(table["attribute"]) == {"sex", "age_band", "view"}
     means = table[table.finding == "mean"]
     assert len(means) == len(means[["attribute", "group"]].drop_duplicates())
     assert ((means["ci_low"] <= means["auroc"] + 1e-12) & (means["auroc"] <= means["ci_high"] + 1e-12)).all()
+    for r in table.itertuples():  # every group's AUROC is scikit-learn's on the same rows
+        rows = (column_values(frame, r.attribute) == r.group).fillna(False).to_numpy(bool)
+        if r.finding == "A":
+            assert r.auroc == pytest.approx(roc_auc_score(frame.loc[rows, "A"], frame.loc[rows, "prob_A"]), abs=1e-9)
+
+
+def test_subgroups_by_any_column_and_their_errors():
+    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(60)], "site": ["a", "b", "c"] * 20,
+                          "image_id": [f"i{i}" for i in range(60)], "A": [0, 1] * 30, "prob_A": np.linspace(0, 1, 60)})
+    table = subgroup_table(frame, ["A"], ["site"], n_boot=50)
+    assert set(table["group"]) == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="no column 'hospital'"):
+        subgroup_columns(frame, ["hospital"])
+    with pytest.raises(ValueError, match="'image_id' has 60 distinct values"):
+        subgroup_columns(frame, ["image_id"])
+
+
+def test_a_cohort_where_the_model_is_random_is_named():
+    """Good on cohort A, random on cohort B: B's interval lies below the overall figure."""
+    rng = np.random.default_rng(1)
+    n = 400
+    cohort = np.where(np.arange(n) < 300, "A", "B")
+    y = rng.integers(0, 2, n)
+    prob = np.where(cohort == "A", 0.7 * y + 0.3 * rng.random(n), rng.random(n))
+    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "cohort": cohort, "A": y, "prob_A": prob})
+    table = subgroup_table(frame, ["A"], n_boot=300)
+    overall = auroc(y, prob)
+    lines = below_overall(table, overall)
+    assert len(lines) == 1 and lines[0].startswith("On cohort B (100 images")
+    assert "well below" in lines[0]

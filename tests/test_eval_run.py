@@ -82,8 +82,28 @@ def test_robustness_and_subgroup_tables(evaluated_run):
     assert np.allclose(clean, evaluated_run.evaluation.metrics["mean"]["auroc"])
     strongest = robust[robust["level"] == robust["level"].max()].set_index("perturbation")["mean_auroc"]
     assert strongest["noise"] < clean.iloc[0]  # sigma 32 grey levels hurts
-    assert {"sex", "age", "view"} <= set(groups["attribute"])
-    assert {"auroc", "ci_low", "ci_high", "gap", "n_images", "n_patients"} <= set(groups.columns)
+    assert {"sex", "age_band", "view"} <= set(groups["attribute"])
+    assert {"auroc", "ci_low", "ci_high", "gap", "gap_ci_low", "gap_ci_high", "n_images", "n_patients",
+            "baseline_metadata", "vs_metadata", "vs_metadata_ci_low", "vs_metadata_ci_high"} <= set(groups.columns)
+
+
+def test_baselines_and_subgroups_in_metrics_json(evaluated_run):
+    """Both baselines are fit on train and compared on the same replicates; subgroups carry paired gaps."""
+    metrics = evaluated_run.evaluation.metrics
+    assert set(metrics["baselines"]) == {"metadata", "image_statistics"}
+    test = pd.read_parquet(evaluated_run.evaluation.out_dir / "predictions.parquet")
+    for name, b in metrics["baselines"].items():
+        assert {"mean_auroc", "ci_low", "ci_high", "per_finding", "diff", "diff_ci_low", "diff_ci_high"} <= set(b)
+        assert b["diff"] == pytest.approx(metrics["mean"]["auroc"] - b["mean_auroc"])
+    sex = metrics["subgroups"]["sex"]
+    for value, entry in sex.items():
+        assert {"mean_auroc", "ci_low", "ci_high", "gap", "gap_ci_low", "gap_ci_high", "n_images", "n_patients", "per_finding"} <= set(entry)
+        rows = test["sex"] == value
+        assert entry["n_images"] == int(rows.sum())
+        card = entry["per_finding"]["Cardiomegaly"]
+        if card["auroc"] is not None:
+            assert card["auroc"] == pytest.approx(roc_auc_score(test.loc[rows, "Cardiomegaly"], test.loc[rows, "prob_Cardiomegaly"]), abs=1e-9)
+    assert isinstance(metrics["warnings"], list)
 
 
 def test_gradcam_beats_random_point_on_phantoms(evaluated_run):
