@@ -14,6 +14,7 @@ DEFAULTS = {
     "min_positives": 10,
     "seed": 0,
     "image_size": 224,
+    "max_reject_frac": 0.2,  # pipelines/reject_guard.py DEFAULT_MAX_REJECT_FRAC (not imported: keeps --help fast)
 }
 
 
@@ -23,6 +24,14 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 
 def _warn_only(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warn-only", action="store_true", help="report table-level validation failures but continue (default: stop with exit code 1)")
+
+
+def _max_reject_frac(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-reject-frac", type=float, default=DEFAULTS["max_reject_frac"], metavar="FRAC",
+        help="stop, writing nothing, when one reason would quarantine more than this fraction of the rows "
+        "(rows whose image is absent on disk are not counted); 1 turns the guard off",
+    )
 
 
 def _train_args(p: argparse.ArgumentParser, tune: bool = False) -> None:
@@ -80,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, type=Path, help="the label file (NIH Data_Entry_2017*.csv[.gz], CheXpert train.csv, or a manifest .csv/.parquet)")
     p.add_argument("--images", required=True, type=Path, help="the image root; label-file paths are relative to it")
     _warn_only(p)
+    _max_reject_frac(p)
 
     p = verbs.add_parser("validate", help="run the Great Expectations suites on the manifest (and splits, if present)", formatter_class=fmt)
     _run_arg(p)
     _warn_only(p)
+    _max_reject_frac(p)
 
     p = verbs.add_parser("split", help="patient-level train/val/test split with a leakage audit", formatter_class=fmt)
     _run_arg(p)
@@ -219,9 +230,9 @@ def dispatch(args: argparse.Namespace) -> str:
     if args.verb == "report":
         return stages.report_stage(run)
     if args.verb == "ingest":
-        return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only)
+        return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only, max_reject_frac=args.max_reject_frac)
     if args.verb == "validate":
-        return stages.validate_stage(run, warn_only=args.warn_only)
+        return stages.validate_stage(run, warn_only=args.warn_only, max_reject_frac=args.max_reject_frac)
     if args.verb == "split":
         return stages.split_stage(run, args.test_frac, args.val_frac, args.min_positives, args.seed, warn_only=args.warn_only)
     if args.verb == "preprocess":

@@ -45,12 +45,14 @@ class DataSection:
     phantom_size: int = 256  # phantoms only: side of the rendered PNGs
     seed: int = 0  # phantoms only
     warn_only: bool = False  # table-level manifest-suite failures warn instead of stopping
+    max_reject_frac: float = 0.2  # one reason quarantining more of the rows stops ingest (1: off)
 
 
 @dataclass
 class ValidateSection:
     enabled: bool = True
     warn_only: bool = False
+    max_reject_frac: float = 0.2  # as data.max_reject_frac, for the manifest suite's re-run
 
 
 @dataclass
@@ -291,6 +293,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"split.test_frac + split.val_frac must leave images for training, got {s.test_frac} + {s.val_frac}")
     if s.min_positives < 0:
         raise ConfigError(f"split.min_positives must be >= 0, got {s.min_positives}")
+    for key, value in (("data.max_reject_frac", d.max_reject_frac), ("validate.max_reject_frac", config.validate.max_reject_frac)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be between 0 and 1 (1 turns the mass-rejection guard off), got {value}")
     if config.preprocess.image_size < 8:
         raise ConfigError(f"preprocess.image_size must be >= 8, got {config.preprocess.image_size}")
     if config.preprocess.blocks is not None and config.preprocess.blocks < 1:

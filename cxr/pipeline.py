@@ -194,13 +194,13 @@ def build_stages(config: Config) -> list[Stage]:
 
     def ingest(run: RunDir, resume: bool) -> str:
         if d.source != "phantoms":
-            return stages.ingest_stage(run, d.source, Path(d.csv), Path(d.images), warn_only=d.warn_only)
+            return stages.ingest_stage(run, d.source, Path(d.csv), Path(d.images), warn_only=d.warn_only, max_reject_frac=d.max_reject_frac)
         from pipelines.phantoms import make_collection  # noqa: PLC0415
 
         run.ensure()
         made = make_collection(run.root / "phantoms", n_patients=d.patients, image_size=d.phantom_size, seed=d.seed)
         head = f"phantoms: {made.n_images} synthetic images of {made.n_patients} patients in {made.root}"
-        return head + "\n" + stages.ingest_stage(run, "nih", made.labels_csv, made.images, warn_only=d.warn_only)
+        return head + "\n" + stages.ingest_stage(run, "nih", made.labels_csv, made.images, warn_only=d.warn_only, max_reject_frac=d.max_reject_frac)
 
     def ingest_check(run: RunDir) -> str | None:
         if d.source == "phantoms":
@@ -225,7 +225,7 @@ def build_stages(config: Config) -> list[Stage]:
 
     table = {
         "ingest": Stage("ingest", ingest_params, ingest, ingest_check),
-        "validate": Stage("validate", {"validate": _section(v)}, lambda run, r: stages.validate_stage(run, warn_only=v.warn_only)),
+        "validate": Stage("validate", {"validate": _section(v)}, lambda run, r: stages.validate_stage(run, warn_only=v.warn_only, max_reject_frac=v.max_reject_frac)),
         "split": Stage(
             "split",
             {"split": _section(s)},

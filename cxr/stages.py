@@ -11,6 +11,7 @@ from pipelines.atomic import staged_dir, write_json
 from pipelines.labels import FINDINGS
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, write_parquet
 from pipelines.manifest import empty_quarantine, replace_stage_quarantine, write_table
+from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
 from pipelines.rundir import RunDir
 
 
@@ -43,15 +44,23 @@ def _write_manifest(run: RunDir, manifest: pd.DataFrame, quarantine: pd.DataFram
     write_table(manifest, run.manifest)
 
 
-def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False) -> str:
-    """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean manifest."""
+def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC) -> str:
+    """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean
+    manifest. One reason rejecting more than ``max_reject_frac`` of the rows stops it before any
+    table is written (pipelines/reject_guard.py)."""
     from pipelines.ingest import ingest  # noqa: PLC0415
+    from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
     from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, write_summary  # noqa: PLC0415
+    from validation.mass_rejection import suite_rejections  # noqa: PLC0415
 
-    run.ensure()
+    check_max_reject_frac(max_reject_frac)
     result = ingest(source, Path(label_file), Path(images))
+    guard_rejections(result.rejections(), result.rows_in, max_reject_frac, verb="ingest")  # before anything is written
+    run.ensure()
     suite = validate_manifest(result.manifest, run.validation, source=source, image_paths=result.files)
-    rejected = quarantine_from(suite, result.manifest.assign(row=result.source_rows), stage="validate-manifest")
+    table = result.manifest.assign(row=result.source_rows)
+    rejected = quarantine_from(suite, table, stage="validate-manifest")
+    guard_rejections([*result.rejections(), *suite_rejections(suite, table)], result.rows_in, max_reject_frac, verb="ingest", report=str(suite.report_path))
     manifest = drop_failed(suite, result.manifest)
     quarantine = _concat(result.quarantine, rejected)
     assert len(manifest) + len(quarantine) == result.rows_in, "ingest lost or duplicated rows"
@@ -73,6 +82,7 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
         f"ingest: {result.rows_in} rows in = {len(manifest)} in the manifest + {len(quarantine)} quarantined",
         *[f"  quarantined {n:>7}  {reason}" for reason, n in result.reason_counts().items()],
         *([f"  quarantined {len(rejected):>7}  by the manifest suite (see below)"] if len(rejected) else []),
+        result.normalized_line(),
         *[f"  note: {note}" for note in result.notes],
         format_summary([suite]),
         f"wrote {run.manifest}, {run.quarantine}, {summary_path}",
@@ -81,15 +91,23 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
     return "\n".join(lines)
 
 
-def validate_stage(run: RunDir, warn_only: bool = False, test_frac: float | None = None, val_frac: float | None = None) -> str:
-    """Re-run the suites on what the run directory holds: the manifest, and the splits if present."""
+def validate_stage(
+    run: RunDir, warn_only: bool = False, test_frac: float | None = None, val_frac: float | None = None, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC
+) -> str:
+    """Re-run the suites on what the run directory holds: the manifest, and the splits if present.
+    One check failing more than ``max_reject_frac`` of the manifest's rows stops it before the
+    manifest or the quarantine is changed (pipelines/reject_guard.py)."""
+    from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
     from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary  # noqa: PLC0415
+    from validation.mass_rejection import suite_rejections  # noqa: PLC0415
 
+    check_max_reject_frac(max_reject_frac)
     manifest = manifest_of(run)
     source = _source_info(run).get("source") if run.source_json.exists() else None
     results = [validate_manifest(manifest, run.validation, source=source)]
     lines = []
     if results[0].failed_rows:
+        guard_rejections(suite_rejections(results[0], manifest), len(manifest), max_reject_frac, verb="validate", report=str(results[0].report_path))
         rejected = quarantine_from(results[0], manifest, stage="validate-manifest")
         kept = drop_failed(results[0], manifest)
         existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else empty_quarantine()

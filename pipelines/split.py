@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipelines.ids import normalize_ids
 from pipelines.labels import FINDINGS, POSITIVE
 
 MAX_EVAL_SHARE = 1 / 3
@@ -44,10 +45,20 @@ def _validate_fractions(test_frac: float, val_frac: float) -> None:
 def split_patients(
     manifest: pd.DataFrame, test_frac: float = 0.15, val_frac: float = 0.15, min_positives: int = 10, seed: int = 0
 ) -> SplitResult:
-    """Assign every patient of ``manifest`` to exactly one of test, val, train. Deterministic in ``seed``."""
+    """Assign every patient of ``manifest`` to exactly one of test, val, train. Deterministic in ``seed``.
+
+    Patients are told apart by their normalized id (pipelines/ids.py: ``766.0`` is ``766``), also
+    when the manifest was not made by ``cxr ingest``; the splits carry that spelling."""
     _validate_fractions(test_frac, val_frac)
     if min_positives < 0:
         raise ValueError(f"--min-positives must be >= 0, got {min_positives}")
+    manifest = manifest.assign(patient_id=normalize_ids(manifest["patient_id"]))
+    unknown = manifest["patient_id"].isna()
+    if unknown.any():
+        raise ValueError(
+            f"{int(unknown.sum())} manifest image(s) have no patient_id (e.g. {list(manifest.loc[unknown, 'image_id'][:3])}): "
+            "a patient-level split needs every image's patient; run `cxr validate` to quarantine them"
+        )
     positives = (manifest[list(FINDINGS)] == POSITIVE).astype(np.int64)
     per_patient = positives.groupby(manifest["patient_id"]).sum().sort_index()  # stable order: same seed, same split
     ids = per_patient.index.to_numpy()
@@ -112,7 +123,9 @@ def split_patients(
 
 def audit_leakage(splits: pd.DataFrame, manifest: pd.DataFrame | None = None) -> None:
     """Fail loudly if a patient is in two splits, or (given the manifest) an image is in no split
-    or in several. Runs at the end of every split; can also audit a split made elsewhere."""
+    or in several. Runs at the end of every split; can also audit a split made elsewhere. Patients
+    are compared by their normalized id (``766.0`` and ``766`` are one patient)."""
+    splits = splits.assign(patient_id=normalize_ids(splits["patient_id"]))
     per_patient = splits.groupby("patient_id")["split"].nunique()
     leaking = per_patient[per_patient > 1]
     if len(leaking):

@@ -133,13 +133,13 @@ class FakeStages:
         self.calls.append((name, kw))
         return f"{name}: done"
 
-    def ingest_stage(self, run, source, label_file, images, warn_only=False):
+    def ingest_stage(self, run, source, label_file, images, warn_only=False, max_reject_frac=0.2):
         run.ensure()
         pd.DataFrame({"image_id": ["a"]}).to_parquet(run.manifest)
         run.source_json.write_text(json.dumps({"source": source, "label_file": str(Path(label_file).resolve()), "images": str(Path(images).resolve())}))
         return self._log("ingest", source=source)
 
-    def validate_stage(self, run, warn_only=False):
+    def validate_stage(self, run, warn_only=False, max_reject_frac=0.2):
         (run.validation).mkdir(exist_ok=True)
         (run.validation / "summary.json").write_text("{}")
         return self._log("validate")

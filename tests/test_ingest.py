@@ -52,7 +52,7 @@ def test_bad_rows_are_quarantined_with_their_reason(tmp_path, images):
     assert reasons[2] == "unknown label(s) 'Dragon'"
     assert reasons[3].startswith("malformed row")
     assert reasons[4] == "missing file"
-    assert reasons[5] == "unparseable age 'old'"
+    assert reasons[5] == "row 5: Patient Age 'old' is not a number"  # the reason names the row and the value
     # nothing lost: the raw record travels with the reason
     record = json.loads(r.quarantine.set_index("row").loc[2, "record"])
     assert record["Finding Labels"] == "Cardiomegaly|Dragon"

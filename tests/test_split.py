@@ -78,3 +78,31 @@ def test_leakage_audit_fails_loudly():
 def test_bad_fractions_are_rejected(test_frac, val_frac):
     with pytest.raises(ValueError, match="frac"):
         split_patients(synthetic_manifest(20), test_frac, val_frac)
+
+
+def test_patients_spelled_two_ways_are_one_patient_for_every_seed():
+    """A manifest not made by ``cxr ingest`` (so not normalized): half of each patient's rows say
+    ``766.0`` or `` 766 ``. The split groups by the normalized id and writes that spelling."""
+    m = synthetic_manifest(60)
+    m["patient_id"] = m["patient_id"].astype(int).astype(str)
+    respelled = m.index % 2 == 1
+    m.loc[respelled, "patient_id"] = [f"{p}.0" if i % 4 == 1 else f" {p} " for i, p in zip(m.index[respelled], m.loc[respelled, "patient_id"])]
+    assert m["patient_id"].nunique() > 60
+    for seed in range(5):
+        s = split_patients(m, 0.2, 0.2, 2, seed=seed).splits
+        assert s["patient_id"].nunique() == 60 and not s["patient_id"].str.contains(r"\.| ").any()
+        assert s.groupby("patient_id")["split"].nunique().max() == 1, f"seed {seed} put a patient in two splits"
+
+
+def test_leakage_audit_compares_normalized_ids():
+    s = pd.DataFrame({"image_id": ["a", "b", "c"], "patient_id": ["766.0", " 766", "767"], "split": ["train", "val", "train"]})
+    with pytest.raises(LeakageError, match="1 patient\\(s\\) appear in more than one split.*766"):
+        audit_leakage(s)
+
+
+def test_split_refuses_images_without_a_patient():
+    m = synthetic_manifest(10)
+    m["patient_id"] = m["patient_id"].astype(object)
+    m.loc[0, "patient_id"] = "  "
+    with pytest.raises(ValueError, match="1 manifest image\\(s\\) have no patient_id"):
+        split_patients(m)

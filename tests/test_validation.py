@@ -198,7 +198,7 @@ def test_incomplete_split_with_wrong_fractions_fails(out, split_data):
     assert {o.name for o in result.table_failures} == {
         "expect_column_values_to_not_be_null(split: every manifest image is in a split)",
         "expect_column_values_to_be_in_set(split images are manifest images)",
-        "expect_column_mean_to_be_between(train fraction, 0.350..0.450)",
+        "expect_column_mean_to_be_between(train fraction, 0.302..0.498)",  # 0.4 +- two 2-image patients of 41 rows (whole patients)
         "expect_column_mean_to_be_between(test fraction, 0.450..0.550)",
     }
 

@@ -8,6 +8,7 @@ import gzip
 import html
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipelines.ingest import ingest
@@ -66,18 +67,34 @@ def test_planted_faults_fail_exactly_their_expectations_and_rows(nih, label_rows
     assert rows[4][col["Patient ID"]] != "99999"
     rows[4][col["Patient ID"]] = "99999"  # image name says another patient
     result = ingest("nih", write_csv(tmp_path / "labels_faulty.csv", header, rows), nih / "images")
-    assert len(result.manifest) == PRESENT + 1 and len(result.quarantine) == 0
+    # Ingest itself rejects what the label file shows on its own, naming the rows: one file listed
+    # twice (both rows) and an age outside 0..120. The manifest suite sees the other three.
+    assert len(result.manifest) == PRESENT - 2 and len(result.quarantine) == 3
+    reasons = dict(zip(result.quarantine["row"], result.quarantine["reason"]))
+    assert reasons[1] == reasons[PRESENT + 1] and reasons[1].startswith(f"duplicate file: rows 1, {PRESENT + 1} resolve to the same file {targets['duplicate']!r}")
+    assert reasons[2] == "row 2: Patient Age '412' is outside 0..120"
+    suite = validate_manifest(result.manifest, tmp_path / "from_ingest", source="nih")
+    assert {o.name for o in suite.outcomes if not o.success} == {PLANTED[f] for f in ("view", "null patient", "patient disagrees")}
 
+    # A manifest made elsewhere has not been through ingest: all five faults reach the suite.
+    clean = ingest("nih", write_csv(tmp_path / "labels.csv", header, label_rows[1]), nih / "images").manifest
+    at = {fault: clean.index[clean["image_id"] == image_id][0] for fault, image_id in targets.items()}
+    manifest = clean.copy()
+    manifest.loc[at["age"], "age"] = 412
+    manifest.loc[at["view"], "view"] = "XX"
+    manifest.loc[at["null patient"], "patient_id"] = None
+    manifest.loc[at["patient disagrees"], "patient_id"] = "00099999"
+    manifest = pd.concat([manifest, manifest.loc[[at["duplicate"]]]], ignore_index=True)
     out = tmp_path / "validation"
-    suite = validate_manifest(result.manifest, out, source="nih")
+    suite = validate_manifest(manifest, out, source="nih")
     assert {o.name for o in suite.outcomes if not o.success} == set(PLANTED.values())
     assert suite.table_failures == []
 
-    quarantine = quarantine_from(suite, result.manifest, stage="validate-manifest")
+    quarantine = quarantine_from(suite, manifest, stage="validate-manifest")
     expected = [(targets["duplicate"], PLANTED["duplicate"])] * 2 + [(targets[f], PLANTED[f]) for f in list(PLANTED)[1:]]
     assert sorted(zip(quarantine["image_id"], quarantine["reason"])) == sorted(expected)
-    clean = drop_failed(suite, result.manifest)
-    assert len(clean) == PRESENT + 1 - 6 and not clean["image_id"].isin(targets.values()).any()
+    kept = drop_failed(suite, manifest)
+    assert len(kept) == PRESENT + 1 - 6 and not kept["image_id"].isin(targets.values()).any()
 
     page = html.unescape(suite.page_path.read_text())
     assert all(name in page for name in PLANTED.values())

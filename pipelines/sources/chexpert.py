@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.labels import CHEXPERT_TO_NIH, FINDINGS, NEGATIVE, POSITIVE, UNCERTAIN
-from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, read_label_file, rows_frame
+from pipelines.sources.base import STUDY_RANGE, ParsedSource, Reject, normalize_sex, parse_age, parse_whole_number, read_label_file, rows_frame, value_reject
 
 CHEXPERT_REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 _PATIENT = re.compile(r"(patient\d+)")
@@ -24,34 +24,39 @@ def _view(frontal_lateral: str, ap_pa: str) -> str:
 
 def parse_chexpert(csv_path: Path) -> ParsedSource:
     header, good, rejects = read_label_file(csv_path, CHEXPERT_REQUIRED)
-    rows_in = len(good) + len(rejects)
+    parsed = ParsedSource(rows=rows_frame([]), rejects=rejects, rows_in=len(good) + len(rejects))
+    normalize = parsed.normalized
     label_columns = [c for c in header if c in CHEXPERT_TO_NIH]
     out: list[dict] = []
     for number, rec in good:
-        path = rec["Path"].strip()
+        path = normalize("image_id", rec["Path"]) or ""
         patient = _PATIENT.search(path)
         if not patient:
-            rejects.append(Reject(number, f"no 'patientNNNNN' in path {path!r}", rec, path or None))
+            rejects.append(Reject(number, f"no 'patientNNNNN' in path {path!r}", rec, path or None, kind="no patient in path", column="Path", value=path, path=path or None))
             continue
         bad = [c for c in label_columns if rec[c].strip() not in _VALUES]
         if bad:
-            rejects.append(Reject(number, "unknown label value(s) " + ", ".join(f"{c}={rec[c]!r}" for c in bad), rec, path))
+            rejects.append(
+                Reject(number, "unknown label value(s) " + ", ".join(f"{c}={rec[c]!r}" for c in bad), rec, path, kind="unknown label value(s)", column=bad[0], value=rec[bad[0]], path=path)
+            )
             continue
         values = {f: NEGATIVE for f in FINDINGS}
         for c in label_columns:
             values[CHEXPERT_TO_NIH[c]] = _VALUES[rec[c].strip()]
-        age, age_error = parse_age(rec["Age"])
-        if age_error:
-            rejects.append(Reject(number, age_error, rec, path))
+        age, age_problem = parse_age(rec["Age"])
+        study_match = _STUDY.search(path)
+        study, study_problem = parse_whole_number(study_match.group(1), "study", STUDY_RANGE) if study_match else (None, None)
+        if age_problem or study_problem:
+            column, problem = ("Age", age_problem) if age_problem else ("Path", study_problem)
+            rejects.append(value_reject(number, column, problem, rec, path, path=path))
             continue
-        study = _STUDY.search(path)
         out.append(
             {
                 "row": number,
                 "image_id": path,
                 "path": path,
                 "patient_id": patient.group(1),
-                "study": int(study.group(1)) if study else None,
+                "study": study,
                 "age": age,
                 "sex": normalize_sex(rec["Sex"]),
                 "view": _view(rec["Frontal/Lateral"], rec["AP/PA"]),
@@ -62,8 +67,9 @@ def parse_chexpert(csv_path: Path) -> ParsedSource:
         )
     annotated = {CHEXPERT_TO_NIH[c] for c in label_columns}
     not_annotated = [f for f in FINDINGS if f not in annotated]
-    notes = [f"CheXpert does not annotate {', '.join(not_annotated)}: recorded as 0"] if not_annotated else []
-    return ParsedSource(rows=rows_frame(out), rejects=rejects, rows_in=rows_in, notes=notes)
+    parsed.notes = [f"CheXpert does not annotate {', '.join(not_annotated)}: recorded as 0"] if not_annotated else []
+    parsed.rows = rows_frame(out)
+    return parsed
 
 
 def strip_dataset_folder(paths: pd.Series, images_root: Path) -> pd.Series:

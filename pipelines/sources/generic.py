@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipelines.labels import FINDINGS, LABEL_VALUES
 from pipelines.manifest import ContractError
-from pipelines.sources.base import ParsedSource, Reject, blank, normalize_sex, parse_age, read_label_file, rows_frame
+from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, parse_study, read_label_file, rows_frame, value_reject
 
 GENERIC_REQUIRED = ("image_id", "path", "patient_id")
 OPTIONAL = ("study", "age", "sex", "view", "source")
@@ -37,7 +37,8 @@ def _label(text: str) -> int | None:
 
 def parse_manifest(csv_path: Path) -> ParsedSource:
     header, good, rejects = _read(Path(csv_path))
-    rows_in = len(good) + len(rejects)
+    parsed = ParsedSource(rows=rows_frame([]), rejects=rejects, rows_in=len(good) + len(rejects))
+    normalize = parsed.normalized
     present = [f for f in FINDINGS if f in header]
     if not present:
         raise ContractError(f"{csv_path} has none of the finding columns {', '.join(FINDINGS)}")
@@ -49,24 +50,27 @@ def parse_manifest(csv_path: Path) -> ParsedSource:
         notes.append(f"finding column(s) absent, recorded as 0: {', '.join(f for f in FINDINGS if f not in present)}")
     out: list[dict] = []
     for number, rec in good:
-        image_id = rec["image_id"].strip() or None
+        image_id = normalize("image_id", rec["image_id"])
+        path = rec["path"].strip() or None
         values = {f: _label(rec.get(f, "")) for f in FINDINGS}
-        bad = [f"{f}={rec[f]!r}" for f in present if values[f] is None]
+        bad = [f for f in present if values[f] is None]
         if bad:
-            rejects.append(Reject(number, "unknown label value(s) " + ", ".join(bad), rec, image_id))
+            reason = "unknown label value(s) " + ", ".join(f"{f}={rec[f]!r}" for f in bad)
+            rejects.append(Reject(number, reason, rec, image_id, kind="unknown label value(s)", column=bad[0], value=rec[bad[0]], path=path))
             continue
-        age, age_error = parse_age(rec.get("age"))
-        study_text = (rec.get("study") or "").strip()
-        if age_error or (study_text and not study_text.isdigit()):
-            rejects.append(Reject(number, age_error or f"unparseable study {study_text!r}", rec, image_id))
+        age, age_problem = parse_age(rec.get("age"))
+        study, study_problem = parse_study(rec.get("study"))
+        if age_problem or study_problem:
+            column, problem = ("age", age_problem) if age_problem else ("study", study_problem)
+            rejects.append(value_reject(number, column, problem, rec, image_id, path=path))
             continue
         out.append(
             {
                 "row": number,
                 "image_id": image_id,
-                "path": rec["path"].strip() or None,
-                "patient_id": None if blank(rec["patient_id"]) else rec["patient_id"].strip(),
-                "study": int(study_text) if study_text else None,
+                "path": path,
+                "patient_id": normalize("patient_id", rec["patient_id"]),
+                "study": study,
                 "age": age,
                 "sex": normalize_sex(rec.get("sex")),
                 "view": (rec.get("view") or "").strip().upper() or "UNKNOWN",
@@ -75,4 +79,6 @@ def parse_manifest(csv_path: Path) -> ParsedSource:
                 "record": rec,
             }
         )
-    return ParsedSource(rows=rows_frame(out), rejects=rejects, rows_in=rows_in, notes=notes)
+    parsed.notes = notes
+    parsed.rows = rows_frame(out)
+    return parsed
