@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=["nih", "chexpert", "manifest"], help="the label file's format")
     p.add_argument("--csv", required=True, type=Path, help="the label file (NIH Data_Entry_2017*.csv[.gz], CheXpert train.csv, or a manifest .csv/.parquet)")
     p.add_argument("--images", required=True, type=Path, help="the image root; label-file paths are relative to it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cohort", default=None, metavar="NAME", help="the cohort (collection, site) of every image: the manifest's cohort column")
+    group.add_argument("--cohorts", default=None, type=Path, metavar="CSV", help="a CSV of image id, cohort (NIH's 'Image Index' header accepted): each image's cohort")
     _warn_only(p)
     _max_reject_frac(p)
 
@@ -230,7 +233,7 @@ def dispatch(args: argparse.Namespace) -> str:
     if args.verb == "report":
         return stages.report_stage(run)
     if args.verb == "ingest":
-        return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only, max_reject_frac=args.max_reject_frac)
+        return stages.ingest_stage(run, args.source, args.csv, args.images, warn_only=args.warn_only, max_reject_frac=args.max_reject_frac, cohort=args.cohort, cohorts=args.cohorts)
     if args.verb == "validate":
         return stages.validate_stage(run, warn_only=args.warn_only, max_reject_frac=args.max_reject_frac)
     if args.verb == "split":

@@ -46,6 +46,8 @@ class DataSection:
     seed: int = 0  # phantoms only
     warn_only: bool = False  # table-level manifest-suite failures warn instead of stopping
     max_reject_frac: float = 0.2  # one reason quarantining more of the rows stops ingest (1: off)
+    cohort: str | None = None  # every image's cohort (the manifest's cohort column)
+    cohorts: str | None = None  # a CSV of image id, cohort (phantoms: written with the collection)
 
 
 @dataclass
@@ -276,8 +278,10 @@ def _check(config: Config) -> None:
         raise ConfigError("run.dir must not be empty")
     if d.source not in SOURCES:
         raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+    if d.cohort is not None and d.cohorts is not None:
+        raise ConfigError("data.cohort and data.cohorts exclude each other: name one cohort for all, or a file")
     if d.source == "phantoms":
-        for name in ("csv", "images"):
+        for name in ("csv", "images", "cohort", "cohorts"):
             if getattr(d, name) is not None:
                 raise ConfigError(f"data.{name} is not used with data.source phantoms (it makes its own collection): remove it")
         if d.patients < 1 or d.phantom_size < 32:
@@ -333,7 +337,7 @@ def _resolve_paths(config: Config, base: Path) -> None:
     """Relative paths are relative to the config file's folder; URIs stay as written."""
     if not is_uri(config.run.dir):
         config.run.dir = _resolve(config.run.dir, base)
-    for section, name in (("run", "scratch"), ("data", "csv"), ("data", "images"), ("tune", "space"), ("evaluate", "checkpoint"), ("explain", "checkpoint")):
+    for section, name in (("run", "scratch"), ("data", "csv"), ("data", "images"), ("data", "cohorts"), ("tune", "space"), ("evaluate", "checkpoint"), ("explain", "checkpoint")):
         owner = getattr(config, section)
         value = getattr(owner, name)
         if value is not None:

@@ -194,13 +194,15 @@ def build_stages(config: Config) -> list[Stage]:
 
     def ingest(run: RunDir, resume: bool) -> str:
         if d.source != "phantoms":
-            return stages.ingest_stage(run, d.source, Path(d.csv), Path(d.images), warn_only=d.warn_only, max_reject_frac=d.max_reject_frac)
+            return stages.ingest_stage(run, d.source, Path(d.csv), Path(d.images), warn_only=d.warn_only, max_reject_frac=d.max_reject_frac,
+                                       cohort=d.cohort, cohorts=Path(d.cohorts) if d.cohorts else None)
         from pipelines.phantoms import make_collection  # noqa: PLC0415
 
         run.ensure()
         made = make_collection(run.root / "phantoms", n_patients=d.patients, image_size=d.phantom_size, seed=d.seed)
         head = f"phantoms: {made.n_images} synthetic images of {made.n_patients} patients in {made.root}"
-        return head + "\n" + stages.ingest_stage(run, "nih", made.labels_csv, made.images, warn_only=d.warn_only, max_reject_frac=d.max_reject_frac)
+        return head + "\n" + stages.ingest_stage(run, "nih", made.labels_csv, made.images, warn_only=d.warn_only, max_reject_frac=d.max_reject_frac,
+                                                 cohorts=made.cohorts_csv)
 
     def ingest_check(run: RunDir) -> str | None:
         if d.source == "phantoms":

@@ -44,18 +44,28 @@ def _write_manifest(run: RunDir, manifest: pd.DataFrame, quarantine: pd.DataFram
     write_table(manifest, run.manifest)
 
 
-def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC) -> str:
+def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC,
+                 cohort: str | None = None, cohorts: Path | None = None) -> str:
     """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean
     manifest. One reason rejecting more than ``max_reject_frac`` of the rows stops it before any
-    table is written (pipelines/reject_guard.py)."""
+    table is written (pipelines/reject_guard.py). ``cohort`` names every image's cohort, or
+    ``cohorts`` (a CSV of image id, cohort) each one's."""
+    from pipelines.cohorts import assign_cohorts, read_cohort_file  # noqa: PLC0415
     from pipelines.ingest import ingest  # noqa: PLC0415
     from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
     from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, write_summary  # noqa: PLC0415
     from validation.mass_rejection import suite_rejections  # noqa: PLC0415
 
     check_max_reject_frac(max_reject_frac)
+    if cohorts is not None:
+        read_cohort_file(cohorts)  # a malformed file stops ingest before the label file is read
     result = ingest(source, Path(label_file), Path(images))
     guard_rejections(result.rejections(), result.rows_in, max_reject_frac, verb="ingest")  # before anything is written
+    if cohort is not None or cohorts is not None:
+        listed = pd.concat([result.manifest["image_id"], result.quarantine["image_id"]]).dropna()
+        assignment = assign_cohorts(result.manifest["image_id"], listed, name=cohort, path=cohorts)
+        result.manifest["cohort"] = assignment.cohorts.to_numpy()
+        result.notes += assignment.notes
     run.ensure()
     suite = validate_manifest(result.manifest, run.validation, source=source, image_paths=result.files)
     table = result.manifest.assign(row=result.source_rows)

@@ -12,6 +12,7 @@ from pipelines.labels import FINDINGS
 ID_COLUMNS = ("image_id", "path", "patient_id")
 META_COLUMNS = ("study", "age", "sex", "view")
 MANIFEST_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, *META_COLUMNS, *FINDINGS, "source")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort",)  # kept, as text, when a source or `ingest --cohort(s)` provides it
 
 QUARANTINE_COLUMNS: tuple[str, ...] = ("stage", "reason", "image_id", "row", "record")
 
@@ -21,12 +22,14 @@ class ContractError(ValueError):
 
 
 def conform_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Return ``df`` with exactly the manifest columns, in order, with the contract's dtypes."""
+    """Return ``df`` with exactly the manifest columns (and the optional ones it has), in order,
+    with the contract's dtypes."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ContractError(f"manifest is missing column(s): {', '.join(missing)}")
-    out = df.loc[:, list(MANIFEST_COLUMNS)].copy()
-    for col in ("image_id", "path", "patient_id", "sex", "view", "source"):
+    optional = [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    out = df.loc[:, [*MANIFEST_COLUMNS, *optional]].copy()
+    for col in ("image_id", "path", "patient_id", "sex", "view", "source", *optional):
         out[col] = out[col].astype("string")
     out["study"] = pd.to_numeric(out["study"], errors="coerce").astype("Int32")
     out["age"] = pd.to_numeric(out["age"], errors="coerce").astype("Int16")

@@ -107,6 +107,7 @@ class PhantomCollection:
     boxes_csv: Path
     n_images: int
     n_patients: int
+    cohorts_csv: Path  # Image Index, cohort: a clinic (mostly PA) and a ward (mostly AP, sicker)
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -426,9 +427,17 @@ class _Planned:
         return f"{self.patient:08d}_{self.follow_up:03d}.png"
 
 
+def cohort_of(patient: int) -> str:
+    """Every third patient comes from the ward: bedside AP films and more heart failure. The two
+    cohorts differ in case mix the way real collections do (and the evaluation shows it)."""
+    return "ward" if patient % 3 == 0 else "clinic"
+
+
 def _plan_patient(seed: int, patient: int) -> list[_Planned]:
     """All follow-ups of one patient. Chronic findings (Cardiomegaly, Mass, Nodule, a tendency to
-    Effusion) belong to the patient and persist from their onset on; Pneumothorax is acute."""
+    Effusion) belong to the patient and persist from their onset on; Pneumothorax is acute. Ward
+    patients draw the same random numbers against other thresholds (more AP, more Cardiomegaly)."""
+    ward = cohort_of(patient) == "ward"
     rng = np.random.default_rng([seed, patient])
     n = int(rng.choice(_FOLLOW_UP_COUNTS, p=_FOLLOW_UP_P))
     sex = str(rng.choice(("M", "F")))
@@ -436,13 +445,13 @@ def _plan_patient(seed: int, patient: int) -> list[_Planned]:
     base = sample_anatomy(rng, sex)
     chronic = {k: sample_finding(rng, k, base) for k in ("Cardiomegaly", "Mass", "Nodule")}
     effusion_side = int(rng.choice((-1, 1)))
-    has = {"Cardiomegaly": rng.random() < 0.3, "Mass": rng.random() < 0.07, "Nodule": rng.random() < 0.12}
+    has = {"Cardiomegaly": rng.random() < (0.5 if ward else 0.3), "Mass": rng.random() < 0.07, "Nodule": rng.random() < 0.12}
     onset = {k: (0 if rng.random() < 0.6 else int(rng.integers(0, n))) for k in has}
     effusion_prone = rng.random() < 0.15 + 0.4 * has["Cardiomegaly"]  # heart failure
     images = []
     for k in range(n):
         age += int(rng.random() < 0.4)
-        view = "AP" if rng.random() < 0.3 else "PA"
+        view = "AP" if rng.random() < (0.75 if ward else 0.3) else "PA"
         anatomy = _follow_up(rng, base, view)
         candidates = {
             "Cardiomegaly": replace(chronic["Cardiomegaly"], size=chronic["Cardiomegaly"].size * rng.uniform(0.97, 1.03)),
@@ -513,9 +522,11 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
             box_writer.writerow([im.image_id, b.finding, _number(b.x), _number(b.y), _number(b.w), _number(b.h)])
     labels_csv = root / "Data_Entry_2017.csv"
     boxes_csv = root / "BBox_List_2017.csv"
+    cohorts_csv = root / "cohorts.csv"
     labels_csv.write_text(NIH_HEADER + "\n" + entries.getvalue(), encoding="utf-8")
     boxes_csv.write_text(BOX_HEADER + "\n" + boxes_out.getvalue(), encoding="utf-8")
-    return PhantomCollection(root, images_dir, labels_csv, boxes_csv, len(planned), n_patients)
+    cohorts_csv.write_text("Image Index,cohort\n" + "".join(f"{im.image_id},{cohort_of(im.patient)}\n" for im in planned), encoding="utf-8")
+    return PhantomCollection(root, images_dir, labels_csv, boxes_csv, len(planned), n_patients, cohorts_csv)
 
 
 def read_boxes(boxes_csv: Path) -> pd.DataFrame:

@@ -43,3 +43,58 @@ def test_bad_cohort_files_are_table_errors(tmp_path, text, message):
 def test_name_and_file_together_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         assign_cohorts(pd.Series(["a"]), pd.Series(["a"]), name="x", path=tmp_path / "c.csv")
+
+
+# --------------------------------------------------------------------------- through `cxr ingest`
+
+from cxr.cli import main  # noqa: E402
+from pipelines.phantoms import make_collection  # noqa: E402
+from pipelines.rundir import RunDir  # noqa: E402
+
+
+def test_ingest_with_a_cohorts_file_writes_the_cohort_column(tmp_path, capsys):
+    made = make_collection(tmp_path / "p", n_patients=9, image_size=48, seed=1)
+    extra = tmp_path / "cohorts.csv"
+    extra.write_text(made.cohorts_csv.read_text() + "99999999_000.png,ward\n")
+    run = tmp_path / "run"
+    code = main(["ingest", "--run", str(run), "--source", "nih", "--csv", str(made.labels_csv), "--images", str(made.images), "--cohorts", str(extra)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    manifest = pd.read_parquet(RunDir(run).manifest)
+    assert set(manifest["cohort"]) == {"clinic", "ward"}
+    ward = manifest["patient_id"].astype(int) % 3 == 0
+    assert (manifest.loc[ward, "cohort"] == "ward").all() and (manifest.loc[~ward, "cohort"] == "clinic").all()
+    assert "1 id(s) in cohorts.csv are not in the collection, e.g. 99999999_000.png" in out
+    # the two cohorts differ in case mix: the ward is mostly AP
+    ap = manifest.assign(ap=manifest["view"] == "AP").groupby("cohort")["ap"].mean()
+    assert ap["ward"] > ap["clinic"]
+
+
+def test_a_manifest_source_brings_its_cohort_and_a_blank_one_is_quarantined(tmp_path, capsys):
+    from tests.helpers import chest_like, write_png
+
+    images = tmp_path / "images"
+    for i in range(6):
+        write_png(images / f"x{i}.png", chest_like(32, seed=i))
+    pd.DataFrame({"image_id": [f"x{i}" for i in range(6)], "path": [f"x{i}.png" for i in range(6)],
+                  "patient_id": [f"p{i}" for i in range(6)], "Effusion": [0, 1] * 3,
+                  "cohort": ["a", "a", "b", "b", "b", ""]}).to_csv(tmp_path / "m.csv", index=False)
+    run = tmp_path / "run"
+    assert main(["ingest", "--run", str(run), "--source", "manifest", "--csv", str(tmp_path / "m.csv"), "--images", str(images), "--max-reject-frac", "1"]) == 0
+    manifest = pd.read_parquet(RunDir(run).manifest)
+    quarantine = pd.read_parquet(RunDir(run).quarantine)
+    assert list(manifest["cohort"]) == ["a", "a", "b", "b", "b"]
+    assert quarantine["image_id"].tolist() == ["x5"] and "cohort" in quarantine["reason"].iloc[0]
+
+
+def test_real_nih_collections(nih, tmp_path, capsys):
+    """The shared subset's two public collections become the cohort column (317 and 984 images)."""
+    collections = nih / "collections.csv"
+    if not collections.exists():
+        pytest.skip("collections.csv not in the shared data")
+    run = tmp_path / "run"
+    code = main(["ingest", "--run", str(run), "--source", "nih", "--csv", str(nih / "Data_Entry_2017_v2020.csv.gz"),
+                 "--images", str(nih / "images"), "--cohorts", str(collections)])
+    assert code == 0, capsys.readouterr()
+    counts = pd.read_parquet(RunDir(run).manifest)["cohort"].value_counts().to_dict()
+    assert counts == {"covid-normal-pneumonia": 984, "chexnet-starter": 317}

@@ -133,7 +133,7 @@ class FakeStages:
         self.calls.append((name, kw))
         return f"{name}: done"
 
-    def ingest_stage(self, run, source, label_file, images, warn_only=False, max_reject_frac=0.2):
+    def ingest_stage(self, run, source, label_file, images, warn_only=False, max_reject_frac=0.2, cohort=None, cohorts=None):
         run.ensure()
         pd.DataFrame({"image_id": ["a"]}).to_parquet(run.manifest)
         run.source_json.write_text(json.dumps({"source": source, "label_file": str(Path(label_file).resolve()), "images": str(Path(images).resolve())}))

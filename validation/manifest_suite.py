@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.labels import FINDINGS, LABEL_VALUES, SEXES, VIEWS
-from pipelines.manifest import MANIFEST_COLUMNS
+from pipelines.manifest import MANIFEST_COLUMNS, OPTIONAL_COLUMNS
 from pipelines.sources.base import AGE_RANGE  # ingest quarantines ages outside it first, naming the row
 from validation.checks import Check
 from validation.gx_runner import run_checks
@@ -40,12 +40,15 @@ def _sources(manifest: pd.DataFrame, source: str | None) -> list[str]:
     return sorted(manifest["source"].dropna().unique())
 
 
-def manifest_checks(sources: list[str]) -> list[Check]:
-    """The suite for a manifest whose rows come from ``sources``. With one source the naming rules
-    apply to every row; with several, each source's rules apply to its own rows."""
+def manifest_checks(sources: list[str], optional: tuple[str, ...] = ()) -> list[Check]:
+    """The suite for a manifest whose rows come from ``sources`` and that has the ``optional``
+    contract columns (a cohort). With one source the naming rules apply to every row; with several,
+    each source's rules apply to its own rows."""
     named = [s for s in sources if s in NAMING]
-    columns = [*MANIFEST_COLUMNS, *([ID_PATIENT] if named else [])]
+    columns = [*MANIFEST_COLUMNS, *optional, *([ID_PATIENT] if named else [])]
     checks = [
+        *(Check("ExpectColumnValuesToBeOfType", {"column": c, "type_": "str"}, f"{c}, str", "table") for c in optional),
+        *(Check("ExpectColumnValuesToNotBeNull", {"column": c}, c) for c in optional),
         Check("ExpectTableColumnsToMatchSet", {"column_set": columns, "exact_match": True}, "data contract columns", "table"),
         Check("ExpectTableRowCountToBeBetween", {"min_value": 1}, ">= 1 row", "table"),
         *(Check("ExpectColumnValuesToBeOfType", {"column": c, "type_": t}, f"{c}, {t}", "table") for c, t in COLUMN_TYPES.items()),
@@ -120,7 +123,8 @@ def validate_manifest(
     adds the check that every image has a row. ``failed_rows`` are positions in ``manifest``."""
     sources = _sources(manifest, source)
     table = with_derived_columns(manifest.reset_index(drop=True), sources)
-    result = run_checks(SUITE, table, manifest_checks(sources), out_dir)
+    optional = tuple(c for c in OPTIONAL_COLUMNS if c in manifest.columns)
+    result = run_checks(SUITE, table, manifest_checks(sources, optional), out_dir)
     if image_paths is None:
         return result
     files = run_checks(FILES_SUITE, image_files_frame(manifest, image_paths), [FILES_CHECK], out_dir)

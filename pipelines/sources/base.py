@@ -132,9 +132,10 @@ def read_label_file(path: Path, required: tuple[str, ...]) -> tuple[list[str], l
     return header, good, rejects
 
 
-def rows_frame(rows: list[dict]) -> pd.DataFrame:
-    """Adapter output rows as a DataFrame with the manifest columns, ``row`` and ``record``."""
-    return pd.DataFrame(rows, columns=["row", *MANIFEST_COLUMNS, "record"])
+def rows_frame(rows: list[dict], optional: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Adapter output rows as a DataFrame with the manifest columns, the ``optional`` ones the
+    source has, ``row`` and ``record``."""
+    return pd.DataFrame(rows, columns=["row", *MANIFEST_COLUMNS, *optional, "record"])
 
 
 def blank(text: str | None) -> bool:

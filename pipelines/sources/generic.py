@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.labels import FINDINGS, LABEL_VALUES
-from pipelines.manifest import ContractError
+from pipelines.manifest import OPTIONAL_COLUMNS, ContractError
 from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, parse_study, read_label_file, rows_frame, value_reject
 
 GENERIC_REQUIRED = ("image_id", "path", "patient_id")
-OPTIONAL = ("study", "age", "sex", "view", "source")
+OPTIONAL = ("study", "age", "sex", "view", "source", *OPTIONAL_COLUMNS)
 
 
 def _read(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[Reject]]:
@@ -48,6 +48,7 @@ def parse_manifest(csv_path: Path) -> ParsedSource:
         notes.append(f"ignored column(s) not in the data contract: {', '.join(extra)}")
     if len(present) < len(FINDINGS):
         notes.append(f"finding column(s) absent, recorded as 0: {', '.join(f for f in FINDINGS if f not in present)}")
+    optional = tuple(c for c in OPTIONAL_COLUMNS if c in header)
     out: list[dict] = []
     for number, rec in good:
         image_id = normalize("image_id", rec["image_id"])
@@ -76,9 +77,10 @@ def parse_manifest(csv_path: Path) -> ParsedSource:
                 "view": (rec.get("view") or "").strip().upper() or "UNKNOWN",
                 **values,
                 "source": (rec.get("source") or "").strip() or "manifest",
+                **{c: (rec.get(c) or "").strip() or None for c in optional},
                 "record": rec,
             }
         )
     parsed.notes = notes
-    parsed.rows = rows_frame(out)
+    parsed.rows = rows_frame(out, optional)
     return parsed
