@@ -350,6 +350,13 @@ def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int =
 
 
 def report_stage(run: RunDir) -> str:
+    """The report, and the run's data-validation verdict in its three levels (passed, passed with
+    N warnings, failed) with what any warnings are."""
     from evaluation import write_report  # noqa: PLC0415
+    from validation.report import SUMMARY_FILE, overall_line  # noqa: PLC0415
 
-    return f"report: {write_report(run.root)}"
+    lines = [f"report: {write_report(run.root)}"]
+    summary = json.loads((run.validation / SUMMARY_FILE).read_text()) if (run.validation / SUMMARY_FILE).exists() else {}
+    if summary.get("suites"):
+        lines.append(overall_line(summary))
+    return "\n".join(lines)

@@ -20,6 +20,8 @@ import pandas as pd
 
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
+from validation.report import overall, suite_status
+from validation.results import FAILED, PASSED, WARNINGS, status_words
 
 REPORT_FILE = "report.html"
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -135,6 +137,25 @@ def _badge(ok: bool, yes: str = "passed", no: str = "failed") -> str:
     return f'<span class="badge {"pass" if ok else "fail"}">{yes if ok else no}</span>'
 
 
+def _status_badge(status: str, warnings: int) -> str:
+    """A validation verdict in its three levels: passed, passed with N warnings, failed."""
+    cls = "pass" if status == PASSED else "fail" if status == FAILED else "warn"
+    return f'<span class="badge {cls}">{_e(status_words(status, warnings))}</span>'
+
+
+def _warnings_lines(summary: dict, short: bool = False) -> list[str]:
+    """``splits: 27 (finding, split) pairs have no positive image: 9 findings in no split (...)`` for
+    each suite whose only failures are warnings (flag-level checks); ``short`` leaves out the
+    examples after the colon."""
+    lines = []
+    for name, suite in summary.get("suites", {}).items():
+        status, warnings = suite_status(suite)
+        if warnings and status != FAILED:
+            note = (suite.get("warnings_note") or f"{warnings} flag-level check(s) failed").split(" -- ")[0]
+            lines.append(f"{name}: {note.split(': ')[0] if short else note}")
+    return lines
+
+
 def _link(target: Path, root: Path, text: str) -> str:
     """A relative link from the report (at the run root) to a file of the run."""
     return f'<a href="{_e(os.path.relpath(target, root))}">{_e(text)}</a>'
@@ -173,15 +194,22 @@ def _data_section(run: RunDir) -> str | None:
         rows = []
         for name, suite in summary.get("suites", {}).items():
             page = suite.get("report_page") or suite.get("data_docs")
-            rows.append([_e(name), _badge(suite["success"]), f"{suite['rows']:,}", str(suite["failed_records"]),
+            rows.append([_e(name), _status_badge(*suite_status(suite)), f"{suite['rows']:,}", str(suite["failed_records"]),
                          str(suite["failed_expectations"]),
                          _link(Path(page), run.root, "Data Docs") if page and Path(page).exists() else "—"])
         body.append("<h3>Data validation (Great Expectations)</h3>" + _table(
             ["suite", "status", "rows", "records rejected", "checks failed", "details"], rows, numeric={2, 3, 4}))
+        warnings = _warnings_lines(summary)
+        if warnings:
+            body.append('<p class="note">Warnings are flag-level checks that failed: they are reported and change '
+                        "nothing (no record was rejected for them). " + "; ".join(_e(w) for w in warnings) + ".</p>")
+        body.append('<p class="note">Passed: every check held. Passed with warnings: only flag-level checks failed. '
+                    "Failed: a table-level check failed (the pipeline stops) or a record-level one did (those records "
+                    "were quarantined and the rest went on).</p>")
         docs = run.validation / "data_docs" / "index.html"
         if docs.exists():
             body.append(f'<p class="note">All validation results: {_link(docs, run.root, "Data Docs index")}. '
-                        "A failed suite lists each failed check there; rejected records are in quarantine.parquet.</p>")
+                        "A suite's page lists each failed check; rejected records are in quarantine.parquet.</p>")
     eda = run.eda / "eda.html"
     if eda.exists():
         body.append(f'<p class="note">Exploratory analysis (label prevalence, co-occurrence, image intensities): '
@@ -462,9 +490,15 @@ def _glance(metrics: dict | None, run: RunDir) -> str:
     if pointing:
         cards.append(("pointing game", _pct(pointing["hit_rate"]), f"random point: {_pct(pointing['baseline'])}"))
     summary = _read_json(run.validation / "summary.json")
-    if summary:
-        cards.append(("data validation", "passed" if summary["success"] else "issues",
-                      f"{sum(s['success'] for s in summary['suites'].values())} of {len(summary['suites'])} suites passed"))
+    if summary and summary.get("suites"):
+        top = overall(summary)
+        suites = [suite_status(s) for s in summary["suites"].values()]
+        counts = {status: sum(s == status for s, _ in suites) for status in (PASSED, WARNINGS, FAILED)}
+        detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n) + f" ({len(suites)} suites)."
+        warnings = _warnings_lines(summary, short=True)
+        if warnings:
+            detail += " Warnings (flag-level, they change nothing): " + "; ".join(warnings) + "."
+        cards.append(("data validation", _e(status_words(top["status"], top["warnings"])), _e(detail)))
     if not cards:
         return ""
     failures = (metrics or {}).get("warnings") or []

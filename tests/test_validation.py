@@ -259,12 +259,71 @@ def test_summary_merges_suites_and_counts_failures(out, faulty, split_data):
     write_summary([validate_splits(m, splits, out, test_frac=0.2, val_frac=0.1)], out)
     summary = json.loads(path.read_text())
     assert set(summary["suites"]) == {"manifest", "splits"} and summary["success"] is False
+    assert summary["status"] == "failed"
     manifest = summary["suites"]["manifest"]
-    assert manifest["success"] is False and manifest["failed_records"] == len(PLANTED)
+    assert manifest["success"] is False and manifest["status"] == "failed" and manifest["failed_records"] == len(PLANTED)
     by_name = {e["name"]: e for e in manifest["expectations"]}
     assert by_name[UNIQUE]["success"] is False and by_name[UNIQUE]["unexpected_count"] == 2 and by_name[UNIQUE]["level"] == "record"
     assert by_name["expect_table_row_count_to_be_between(>= 1 row)"]["success"] is True
     assert Path(manifest["report_page"]).exists()
     text = format_summary([manifest_result])
-    assert re.search(r"manifest: 9 of \d+ expectations failed \(0 table-level, 9 record-level, 0 flags\); 10 of 12 records quarantined\n", text)
+    assert re.search(r"manifest: failed, 9 of \d+ expectations \(0 table-level, 9 record-level, 0 flags\); "
+                     r"10 of 12 records quarantined -- the rest go on\n", text)
     assert f"[record] {UNIQUE}: 2 records" in text and str(manifest_result.page_path) in text
+
+
+def test_three_levels_flags_only_is_passed_with_warnings(out, split_data):
+    """A split whose only failures are flags (findings without positives in a split) passed with
+    warnings: success, nothing stops, and summary.json, the CLI and the Data Docs say so."""
+    from validation.report import overall_line
+
+    m, splits = split_data
+    result = validate_splits(m, splits, out / "levels", test_frac=0.2, val_frac=0.1)
+    n = len(result.flags)
+    assert n > 0 and result.table_failures == [] and result.record_failures == []
+    assert result.success and result.status == "passed with warnings" and result.warnings == n
+    assert raise_on_table_failures([result]) == []
+    text = format_summary([result])
+    first, *rest = text.splitlines()
+    assert first.startswith(f"splits: passed with {n} warnings (") and "flag-level" in first
+    (note,) = [line for line in rest if line.startswith("  warnings: ")]
+    assert f"{n} (finding, split) pairs have no positive image" in note and "change nothing" in note
+    summary = json.loads(write_summary([result], out / "levels").read_text())
+    entry = summary["suites"]["splits"]
+    assert (entry["status"], entry["success"], entry["warnings"]) == ("passed with warnings", True, n)
+    assert "(finding, split) pairs" in entry["warnings_note"]
+    assert (summary["status"], summary["success"], summary["warnings"]) == ("passed with warnings", True, n)
+    assert overall_line(summary).startswith(f"data validation: passed with {n} warnings (splits passed with {n} warnings)")
+    page = page_text(result)
+    assert f"passed with {n} warnings" in page and "Warnings are flag-level checks" in page
+    index = html.unescape(result.docs_path.read_text())
+    assert f"passed with {n} warnings" in index and "passed with N warnings, only flag-level checks failed" in index
+
+
+def test_three_levels_a_real_failure_still_fails(out, split_data):
+    m, splits = split_data
+    leaky = splits.copy()
+    leaky.loc[leaky["image_id"] == "00000010_001.png", "split"] = "test"
+    result = validate_splits(m, leaky, out / "levels-fail", test_frac=0.2, val_frac=0.1)
+    assert result.flags and not result.success and result.status == "failed"
+    assert format_summary([result]).startswith("splits: failed, ")
+    summary = json.loads(write_summary([result], out / "levels-fail").read_text())
+    assert (summary["status"], summary["success"]) == ("failed", False)
+    assert "Status: failed" in re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", page_text(result)))
+    bad_age = manifest_frame()
+    bad_age.loc[0, "age"] = 412
+    record = validate_manifest(bad_age, out / "levels-fail", source="nih")
+    assert record.status == "failed" and not record.success and record.failed_rows == {0: [AGE]}
+    assert "records quarantined -- the rest go on" in format_summary([record])
+
+
+def test_summary_status_of_entries_written_before_the_levels():
+    from validation.report import overall, suite_status
+
+    flags_only = {"success": False, "expectations": [{"level": "flag", "success": False}, {"level": "table", "success": True}]}
+    record = {"success": False, "expectations": [{"level": "record", "success": False}]}
+    assert suite_status(flags_only) == ("passed with warnings", 1)
+    assert suite_status(record) == ("failed", 0)
+    assert suite_status({"success": True}) == ("passed", 0)
+    assert overall({"suites": {"a": {"success": True}, "b": flags_only}}) == {
+        "status": "passed with warnings", "success": True, "warnings": 1}

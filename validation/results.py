@@ -1,8 +1,44 @@
-"""What a suite run returns, GX-free, so callers (CLI, tests, reports) never import GX."""
+"""What a suite run returns, GX-free, so callers (CLI, tests, reports) never import GX.
+
+Three levels of verdict, the same in summary.json, the CLI, the Data Docs and the run report:
+
+- ``passed``: every expectation held.
+- ``passed with warnings`` (``passed with N warnings`` in words): only ``flag``-level expectations
+  failed. A flag is reported and changes nothing (an upsampled image, a finding without positives
+  in a split), so the data went on as it was.
+- ``failed``: a ``table``- or ``record``-level expectation failed. Table-level failures stop the
+  pipeline (unless ``--warn-only``); record-level ones took rows out of it (quarantined) and the
+  rest went on. Either way the data as given broke its contract, and a person should look.
+
+``success`` is ``status != "failed"``: true when only flags failed.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+PASSED, WARNINGS, FAILED = "passed", "passed with warnings", "failed"
+STATUSES = (PASSED, WARNINGS, FAILED)  # best to worst
+
+
+def status_of(table_failures: int, record_failures: int, flags: int) -> str:
+    """The three-level verdict from the counts of failed expectations per level."""
+    if table_failures or record_failures:
+        return FAILED
+    return WARNINGS if flags else PASSED
+
+
+def worst(statuses: Iterable[str]) -> str:
+    """The worst of several verdicts (``passed`` for none)."""
+    return max(statuses, key=STATUSES.index, default=PASSED)
+
+
+def status_words(status: str, warnings: int) -> str:
+    """``passed with 27 warnings`` (the count in words where the level has one)."""
+    if status == WARNINGS:
+        return f"passed with {warnings} warning{'s' if warnings != 1 else ''}"
+    return status
 
 
 @dataclass
@@ -21,6 +57,8 @@ class ExpectationOutcome:
 
 @dataclass
 class SuiteResult:
+    """``success`` is true unless a table- or record-level expectation failed (see ``status``)."""
+
     suite: str
     success: bool
     outcomes: list[ExpectationOutcome]
@@ -41,6 +79,20 @@ class SuiteResult:
     @property
     def flags(self) -> list[ExpectationOutcome]:
         return [o for o in self.outcomes if not o.success and o.flag_only]
+
+    @property
+    def warnings(self) -> int:
+        """Failed flag-level expectations."""
+        return len(self.flags)
+
+    @property
+    def status(self) -> str:
+        """``passed``, ``passed with warnings`` or ``failed`` (module docstring)."""
+        return status_of(len(self.table_failures), len(self.record_failures), len(self.flags))
+
+    @property
+    def status_words(self) -> str:
+        return status_words(self.status, self.warnings)
 
     @property
     def report_path(self) -> Path | None:
