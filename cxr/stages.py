@@ -9,8 +9,8 @@ import pandas as pd
 
 from pipelines.atomic import staged_dir, write_json
 from pipelines.labels import FINDINGS
-from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, write_parquet
-from pipelines.manifest import empty_quarantine, replace_stage_quarantine, write_table
+from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
+from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
 from pipelines.rundir import RunDir
 
@@ -112,17 +112,22 @@ def validate_stage(
     from validation.mass_rejection import suite_rejections  # noqa: PLC0415
 
     check_max_reject_frac(max_reject_frac)
-    manifest = manifest_of(run)
-    source = _source_info(run).get("source") if run.source_json.exists() else None
-    results = [validate_manifest(manifest, run.validation, source=source)]
+    manifest = read_table(run.manifest, "manifest", f"run `cxr ingest --run {run.root}` first")
+    info = _source_info(run) if run.source_json.exists() else {}
+    results = [validate_manifest(manifest, run.validation, source=info.get("source"))]
     lines = []
+    if not manifest_is_recorded(run, manifest):
+        # validate is how a manifest edited by hand (or made by another tool) enters the run:
+        # it is validated as it is, and later stages read it from now on
+        lines.append(f"validate: {run.manifest} is not the one ingest wrote (edited, or an ingest was interrupted): validated as it is now")
+        if not results[0].failed_rows:
+            write_json(run.source_json, {**info, "manifest_fingerprint": fingerprint(manifest), "manifest_rows": len(manifest)})
     if results[0].failed_rows:
         guard_rejections(suite_rejections(results[0], manifest), len(manifest), max_reject_frac, verb="validate", report=str(results[0].report_path))
         rejected = quarantine_from(results[0], manifest, stage="validate-manifest")
         kept = drop_failed(results[0], manifest)
         existing = pd.read_parquet(run.quarantine) if run.quarantine.exists() else empty_quarantine()
-        source = _source_info(run) if run.source_json.exists() else {}
-        _write_manifest(run, kept, _concat(existing, rejected), {**source, "manifest_rows": len(kept), "quarantined": len(existing) + len(rejected)})
+        _write_manifest(run, kept, _concat(existing, rejected), {**info, "manifest_rows": len(kept), "quarantined": len(existing) + len(rejected)})
         lines.append(f"validate: moved {len(rejected)} manifest row(s) to the quarantine; {len(kept)} remain")
         manifest = kept
     if run.splits.exists() and results[0].failed_rows:

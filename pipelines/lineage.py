@@ -74,13 +74,19 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def manifest_is_recorded(run: RunDir, manifest: pd.DataFrame) -> bool:
+    """Whether ``manifest`` is the one the last ingest or validate wrote (or no record exists)."""
+    want = _read_json(run.source_json).get("manifest_fingerprint")
+    return not want or fingerprint(manifest) == want
+
+
 def current_manifest(run: RunDir) -> pd.DataFrame:
     """The manifest, refused when it is not the one the last ingest or validate wrote (an
-    interrupted ingest can replace one of its files and not the others)."""
+    interrupted ingest can replace one of its files and not the others; `cxr validate` adopts a
+    manifest edited by hand)."""
     manifest = read_table(run.manifest, "manifest", f"run `cxr ingest --run {run.root}` first")
-    want = _read_json(run.source_json).get("manifest_fingerprint")
-    if want and fingerprint(manifest) != want:
-        raise StaleOutputError(f"{run.manifest} does not match {run.source_json} (an ingest was interrupted or the file was replaced): re-run `cxr ingest --run {run.root}`")
+    if not manifest_is_recorded(run, manifest):
+        raise StaleOutputError(f"{run.manifest} does not match {run.source_json} (an ingest was interrupted or the file was replaced): re-run `cxr ingest --run {run.root}`, or `cxr validate` to adopt it as it is")
     return manifest
 
 

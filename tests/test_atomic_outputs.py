@@ -111,6 +111,10 @@ def test_a_manifest_that_does_not_match_source_json_is_refused(tmp_path, capsys)
     capsys.readouterr()
     assert main(["split", "--run", str(run)]) == 1
     assert "does not match" in capsys.readouterr().err
+    # `cxr validate` is how an edited manifest is adopted: validated as it is, then used
+    assert main(["validate", "--run", str(run)]) == 0
+    assert "validated as it is now" in capsys.readouterr().out
+    assert main(["split", "--run", str(run), "--min-positives", "0", "--warn-only"]) == 0
 
 
 def test_shards_and_stats_from_different_runs_are_refused(tmp_path):
