@@ -22,6 +22,7 @@ from evaluation.metrics import auroc, average_precision, nan_to_none, prevalence
 from evaluation.operating_points import choose_threshold, operating_metrics
 from evaluation.robustness import robustness_table
 from evaluation.subgroups import MEAN, subgroup_table
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
@@ -127,7 +128,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
     findings, size = list(info["findings"]), int(info["image_size"])
     unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
-        raise ValueError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
+        raise UserInputError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
     test, val = load_split(run.root, "test", size), load_split(run.root, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from pipelines.errors import UserInputError
 from pipelines.manifest import conform_manifest, empty_quarantine, quarantine_records
 from pipelines.sources import ADAPTERS, Reject
 from pipelines.sources.chexpert import strip_dataset_folder
@@ -59,7 +60,7 @@ def _files_under(root: Path) -> set[str]:
 def ingest(source: str, label_file: Path, images_root: Path) -> IngestResult:
     """Parse ``label_file`` with the ``source`` adapter and check every path against ``images_root``."""
     if source not in ADAPTERS:
-        raise ValueError(f"unknown source {source!r}: choose one of {', '.join(ADAPTERS)}")
+        raise UserInputError(f"unknown source {source!r}: choose one of {', '.join(ADAPTERS)}")
     images_root = Path(images_root)
     if not images_root.is_dir():
         raise FileNotFoundError(f"image root is not a directory: {images_root}")

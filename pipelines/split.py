@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import CxrError, UserInputError
 from pipelines.labels import FINDINGS, POSITIVE
 
 MAX_EVAL_SHARE = 1 / 3
 
 
-class LeakageError(RuntimeError):
+class LeakageError(CxrError, RuntimeError):
     """A patient appears in more than one split, or an image is in no split or in several."""
 
 
@@ -36,9 +37,9 @@ class SplitResult:
 def _validate_fractions(test_frac: float, val_frac: float) -> None:
     for name, value in (("--test-frac", test_frac), ("--val-frac", val_frac)):
         if not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
+            raise UserInputError(f"{name} must be in [0, 1), got {value}")
     if test_frac + val_frac >= 1:
-        raise ValueError(f"--test-frac + --val-frac must leave images for training, got {test_frac + val_frac:.2f}")
+        raise UserInputError(f"--test-frac + --val-frac must leave images for training, got {test_frac + val_frac:.2f}")
 
 
 def split_patients(
@@ -47,7 +48,7 @@ def split_patients(
     """Assign every patient of ``manifest`` to exactly one of test, val, train. Deterministic in ``seed``."""
     _validate_fractions(test_frac, val_frac)
     if min_positives < 0:
-        raise ValueError(f"--min-positives must be >= 0, got {min_positives}")
+        raise UserInputError(f"--min-positives must be >= 0, got {min_positives}")
     positives = (manifest[list(FINDINGS)] == POSITIVE).astype(np.int64)
     per_patient = positives.groupby(manifest["patient_id"]).sum().sort_index()  # stable order: same seed, same split
     ids = per_patient.index.to_numpy()

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.errors import CxrError
+
 
 @dataclass
 class ExpectationOutcome:
@@ -66,7 +68,7 @@ def combine(suite: str, main: SuiteResult, *others: SuiteResult) -> SuiteResult:
     )
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(CxrError):
     """A table-level expectation failed: the data cannot go on to the next stage as it is."""
 
 
