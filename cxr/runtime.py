@@ -30,13 +30,15 @@ def _loopback_node() -> Iterator[None]:
     """While Ray starts: the node's address is loopback, so every service binds to 127.0.0.1."""
     from ray._private import ray_constants  # noqa: PLC0415
 
-    saved_env, saved_flag = os.environ.get(_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    saved_env, saved_flag = os.environ.get(_LOCAL_ONLY_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[_LOCAL_ONLY_ENV] = "0"  # the processes Ray starts inherit it
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    if saved_flag is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(_LOCAL_ONLY_ENV, None)
         else:

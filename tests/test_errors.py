@@ -402,7 +402,12 @@ def _is_loopback(host: str) -> bool:
 def test_the_embedded_local_ray_listens_on_loopback_only(ray_local):
     """Every TCP socket that a process of the embedded Ray listens on (GCS, raylet and object
     manager, dashboard and its agent, runtime-env agent, metrics, autoscaler monitor, the workers and
-    this driver's own core worker) is bound to 127.0.0.1 / ::1: nothing is reachable from the network."""
+    this driver's own core worker) is bound to 127.0.0.1 / ::1: nothing is reachable from the network.
+
+    Every Ray 2.60 service can be: none is exempt. Not Ray's and not covered here: while `cxr train`
+    runs, rank 0's torch.distributed rendezvous store (TCPStore, started by Ray Train's torch backend)
+    listens on all interfaces, because torch offers no bind address for it (only a pre-bound
+    ``master_listen_fd``, which Ray Train's process-group setup does not expose)."""
     import time
 
     import psutil

@@ -33,7 +33,7 @@ INFO_FILE = "model.json"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 FORMAT = "cxr-model/1"
-MIN_IMAGE_SIZE = 8  # the smallest side a backbone's stride still maps to a feature map
+MIN_IMAGE_SIZE = 8  # the smallest side preprocessing makes (--image-size, preprocess.image_size)
 
 
 class CheckpointError(CxrError, ValueError):
