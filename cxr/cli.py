@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 
 DEFAULTS = {
@@ -74,7 +75,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+        raise UserInputError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,11 +220,11 @@ def dispatch(args: argparse.Namespace) -> str:
         from pipelines.phantoms import read_boxes  # noqa: PLC0415
 
         if not args.checkpoint or not args.out:
-            raise ValueError("explain --images needs --checkpoint and --out")
+            raise UserInputError("explain --images needs --checkpoint and --out")
         result = explain(args.checkpoint, list(args.images), args.out, boxes=read_boxes(args.boxes) if args.boxes else None)
         return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s) in {result.out_dir}", stages._pointing_line(result.summary)])
     if args.verb == "explain" and not args.run:
-        raise ValueError("explain needs --run DIR, or --images with --checkpoint and --out")
+        raise UserInputError("explain needs --run DIR, or --images with --checkpoint and --out")
     run = RunDir(args.run)
     if args.verb == "evaluate":
         columns = [c.strip() for c in args.subgroups.split(",") if c.strip()] if args.subgroups else None
@@ -285,29 +286,70 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cxr: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # every failure ends as one readable line and a non-zero exit
-        if _is_user_error(err):
-            print(f"cxr {args.verb}: error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except Exception as err:  # a user error ends as one readable line and exit 1; a bug keeps its traceback
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"cxr {args.verb}: error: {message}", file=sys.stderr)
+        return 1
     print(summary)
     print(f"cxr {args.verb}: done in {time.monotonic() - started:.1f}s")
     return 0
 
 
-def _is_user_error(err: Exception) -> bool:
-    """Errors about the input or the run directory, as opposed to bugs (which keep their traceback)."""
-    from pipelines.manifest import ContractError  # noqa: PLC0415
-    from pipelines.split import LeakageError  # noqa: PLC0415
+def _is_user_error(err: BaseException) -> bool:
+    """Errors about the input, the options or the run directory, as opposed to bugs (which keep
+    their traceback): the project's own ``CxrError`` types, ``OSError`` on a path the user named,
+    ``ConnectionError`` (an unreachable cluster), a file that cannot be unpickled safely, and YAML
+    the user wrote that cannot be read; also any of these raised inside a Ray task or a Ray Train
+    worker. A plain ``ValueError``, ``KeyError`` ... is a bug."""
+    return _user_error(err) is not None
 
-    user_errors: tuple[type[Exception], ...] = (FileNotFoundError, ContractError, LeakageError, ValueError, ConnectionError)
-    try:
-        from validation import ValidationFailed  # noqa: PLC0415
 
-        user_errors += (ValidationFailed,)
-    except ImportError:
-        pass
-    return isinstance(err, user_errors)
+def _plain_user_error(err: BaseException) -> bool:
+    import pickle  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from pipelines.errors import CxrError, is_path_error  # noqa: PLC0415
+
+    return isinstance(err, (CxrError, ConnectionError, pickle.UnpicklingError, yaml.YAMLError)) or is_path_error(err)
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user error ``err`` is or carries, else None. Ray re-raises a task's exception as a
+    RayTaskError that keeps the original as ``cause``; Ray Train's WorkerGroupError keeps each
+    worker's as ``worker_failures``: a user error in every failed worker is the user's."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and cause is not err and _plain_user_error(cause):
+        return cause
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures and all(_plain_user_error(e) for e in failures.values()):
+        return next(iter(failures.values()))
+    return err if _plain_user_error(err) else None
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one line ``cxr`` prints for a user error; None for a bug (the caller re-raises it)."""
+    import pickle  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from pipelines.errors import CxrError, describe_path_error  # noqa: PLC0415
+
+    err = _user_error(err)
+    if err is None:
+        return None
+    if isinstance(err, CxrError):
+        return str(err)
+    if isinstance(err, OSError) and not isinstance(err, ConnectionError):
+        return describe_path_error(err)
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a file: the first line says why
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return f"a file holds pickled objects that cannot be loaded safely (weights_only=True): {first}"
+    if isinstance(err, yaml.YAMLError):
+        return " ".join(str(err).split())
+    return str(err)
 
 
 if __name__ == "__main__":

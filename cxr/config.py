@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import CxrError
+from pipelines.imaging import MAX_IMAGE_SIZE
 from trainers.config import FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, TrainConfig
 
 SOURCES = ("nih", "chexpert", "manifest", "phantoms")
 
 
-class ConfigError(ValueError):
+class ConfigError(CxrError, ValueError):
     """A config file (or a ``--set`` override) that cannot describe a run; the message says where."""
 
 
@@ -166,10 +169,17 @@ def read_raw(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[st
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """``train.epochs=3`` sets ``raw['train']['epochs'] = 3`` (the value is parsed as YAML; a relative
-    path is, like the file's own, relative to the config file's folder)."""
+    path is, like the file's own, relative to the config file's folder). The value is read with
+    ``yaml.safe_load``: a ``!!python/...`` tag is refused, never constructed."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {key.strip()}: {value.strip()!r} is not a plain YAML value ({' '.join(problem.split())}); "
+                          "give a number, a string, a list or a mapping") from None
     node = raw
     *parents, last = key.strip().split(".")
     for i, part in enumerate(parents):
@@ -179,7 +189,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
         node = child
-    node[last] = yaml.safe_load(value) if value.strip() else None
+    node[last] = parsed
 
 
 def from_raw(raw: dict[str, Any], base_dir: Path, origin: str = "config") -> Config:
@@ -216,8 +226,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"{key} is required")
     try:
         return cls(**values)
-    except (TypeError, ValueError) as err:  # TrainConfig's own checks name the field already
-        raise ConfigError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # TrainConfig's own checks start with the field's name
+        message = str(err)
+        field_name = message.split(" ", 1)[0]
+        if prefix and field_name in fields:
+            raise ConfigError(f"{prefix}.{message}") from None  # "train.lr must be > 0, got -1.0"
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def _reject_unknown(unknown: set[str], valid: list[str], prefix: str) -> None:
@@ -256,13 +270,18 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN and infinity pass every range check below
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -300,8 +319,8 @@ def _check(config: Config) -> None:
     for key, value in (("data.max_reject_frac", d.max_reject_frac), ("validate.max_reject_frac", config.validate.max_reject_frac)):
         if not 0 <= value <= 1:
             raise ConfigError(f"{key} must be between 0 and 1 (1 turns the mass-rejection guard off), got {value}")
-    if config.preprocess.image_size < 8:
-        raise ConfigError(f"preprocess.image_size must be >= 8, got {config.preprocess.image_size}")
+    if not 8 <= config.preprocess.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"preprocess.image_size must be between 8 and {MAX_IMAGE_SIZE}, got {config.preprocess.image_size}")
     if config.preprocess.blocks is not None and config.preprocess.blocks < 1:
         raise ConfigError(f"preprocess.blocks must be >= 1, got {config.preprocess.blocks}")
     if config.eda.sample_size < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import shlex
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from cxr.config import is_uri, load_config, read_raw
+from pipelines.errors import UserInputError
 
 # Every job gets these (GX's offline switch, readable logs); --env adds or overrides.
 DEFAULT_ENV = {"GX_ANALYTICS_ENABLED": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -54,7 +56,7 @@ def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env {item!r} must look like NAME=VALUE")
+            raise UserInputError(f"--env {item!r} must look like NAME=VALUE")
         env[key] = value
     return env
 
@@ -77,8 +79,8 @@ def submit(config_path: Path, address: str | None = None, working_dir: Path = Pa
     try:
         relative = config_path.relative_to(working_dir).as_posix()
     except ValueError:
-        raise ValueError(f"the config {config_path} is outside the working dir {working_dir}: the job sees only the uploaded "
-                         "working dir; move the config into it or pass --working-dir") from None
+        raise UserInputError(f"the config {config_path} is outside the working dir {working_dir}: the job sees only the uploaded "
+                             "working dir; move the config into it or pass --working-dir") from None
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": {**DEFAULT_ENV, **(env or {})}}
     return client(address).submit_job(entrypoint=entrypoint(relative, overrides, force), runtime_env=runtime_env,
                                       metadata={"cxr_config": relative})
@@ -177,13 +179,32 @@ def command(args: argparse.Namespace) -> int:
     """The ``submit`` and ``jobs`` verbs (see the parser in cxr/cli.py); prints as it goes, returns
     the exit status: the job's for ``submit``, 0 for a query that worked, 1 when the job server
     cannot be reached or refuses the request (the Jobs API raises RuntimeError for those: an
-    unknown job id, a missing auth token)."""
+    unknown job id; AuthenticationError for a missing or wrong auth token)."""
+    from ray.exceptions import AuthenticationError  # noqa: PLC0415
+
     verb = args.verb if args.verb == "submit" else f"jobs {args.jobs_verb}"
     try:
         return _command(args)
+    except AuthenticationError as err:
+        print(f"cxr {verb}: error: {auth_error_message(err, args.address)}", file=sys.stderr)
+        return 1
     except (ConnectionError, RuntimeError) as err:
         print(f"cxr {verb}: error: {err}", file=sys.stderr)
         return 1
+
+
+def auth_error_message(err: Exception, address: str | None) -> str:
+    """One line for a job server that wants a token (docs/cluster.md, "token authentication")."""
+    server = address or os.environ.get("RAY_ADDRESS") or "the Ray job server"
+    mode = os.environ.get("RAY_AUTH_MODE")
+    refused = str(getattr(err, "message", "")).startswith("Authentication failed")  # HTTP 403: a token was sent, the wrong one
+    if refused:
+        return (f"{server} refused the auth token sent: set RAY_AUTH_TOKEN to the head's token "
+                "(`ray exec cluster.yaml 'cat ~/.ray/auth_token'`) and retry; see docs/cluster.md")
+    return (f"{server} requires token authentication and no token was sent "
+            f"(RAY_AUTH_MODE is {'unset' if mode is None else repr(mode)}): "
+            "`export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the head's token>` (the token: "
+            "`ray exec cluster.yaml 'cat ~/.ray/auth_token'`), then retry; see docs/cluster.md")
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -15,18 +15,56 @@ def quiet_environment() -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+LOOPBACK = "127.0.0.1"
+# Ray picks the node's address for every service it starts (GCS, raylet, object manager, workers,
+# dashboard agent, runtime-env agent, metrics) and binds to all interfaces unless that address is
+# loopback. On Linux `ray.init(_node_ip_address="127.0.0.1")` is not enough: Ray swaps a loopback
+# address for the machine's routable one. The switch Ray itself uses for single-machine Ray on
+# macOS/Windows (node address = loopback) is this variable, read when Ray is imported; the module
+# attribute it sets is flipped too, for a process that imported Ray before this call.
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts: the node's address is loopback, so every service binds to 127.0.0.1."""
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    saved_env, saved_flag = os.environ.get(_LOCAL_ONLY_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_LOCAL_ONLY_ENV] = "0"  # the processes Ray starts inherit it
+    if saved_flag is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = saved_env
+
+
 def init_local_ray(num_cpus: int | None = None) -> None:
     """Start an embedded local Ray the way every verb, test and benchmark wants it.
 
-    The dashboard runs (on loopback only) because Ray Train V2 frees the workers of a Tune trial
-    that early stopping killed through the state API it serves (ray-project/ray#54305): without it
-    each stopped trial keeps its CPUs reserved until the search hangs.
+    Every service listens on loopback only (127.0.0.1): the GCS, the raylet and its object manager,
+    the workers, the dashboard and its agent, the runtime-env agent and the metrics endpoints. An
+    embedded Ray serves this process alone, so nothing on the network needs to reach it
+    (tests/test_errors.py lists its listening sockets). A cluster (``ray_session(address=...)``)
+    is left as the user configured it.
+
+    The dashboard runs because Ray Train V2 frees the workers of a Tune trial that early stopping
+    killed through the state API it serves (ray-project/ray#54305): without it each stopped trial
+    keeps its CPUs reserved until the search hangs.
     Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
     errors still reach the driver as exceptions with their tracebacks.
     """
     import ray  # noqa: PLC0415
 
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+    with _loopback_node():
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+                 logging_level=logging.WARNING, log_to_driver=False)
 
 
 @contextlib.contextmanager

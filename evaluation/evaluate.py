@@ -23,6 +23,7 @@ from evaluation.robustness import robustness_table
 from evaluation.baselines import WORDS, Baseline, compare, fit_baselines, split_thumbnails, thumbnails, verdict
 from evaluation.subgroups import MEAN, below_overall, not_beating_baselines, subgroup_columns, subgroup_table, subgroups_json
 from pipelines.atomic import staged_dir, write_json
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
@@ -151,7 +152,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
     findings, size = list(info["findings"]), int(info["image_size"])
     unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
-        raise ValueError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
+        raise UserInputError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
     test, val = load_split(run.root, "test", size), load_split(run.root, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)

@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import torch
 from torch import nn
 
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 from pipelines.shards import IMAGE_COLUMN, images_from_column, split_dir
@@ -58,11 +59,11 @@ def load_split(run_dir: Path, split: str, image_size: int) -> SplitData:
     table = pads.dataset(str(path), format="parquet", partitioning=None).to_table(columns=columns)
     frame = table.to_pandas().sort_values("image_id", kind="mergesort").reset_index(drop=True)
     if frame.empty:
-        raise ValueError(f"the {split} split under {path} is empty")
+        raise UserInputError(f"the {split} split under {path} is empty")
     size_found = int(round(np.sqrt(len(frame[IMAGE_COLUMN].iat[0]))))
     if size_found != image_size:
-        raise ValueError(f"the shards hold {size_found}x{size_found} images but the checkpoint expects "
-                         f"{image_size}x{image_size}: evaluate a checkpoint trained on this run's shards")
+        raise UserInputError(f"the shards hold {size_found}x{size_found} images but the checkpoint expects "
+                             f"{image_size}x{image_size}: evaluate a checkpoint trained on this run's shards")
     images = images_from_column(frame.pop(IMAGE_COLUMN).to_list(), image_size).copy()  # writable, for torch
     frame["image_id"] = frame["image_id"].astype(str)
     frame["patient_id"] = frame["patient_id"].astype(str)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from evaluation.bootstrap import mean_replicates, paired_auroc_replicates, percentile_interval
 from evaluation.metrics import auroc, nan_to_none
+from pipelines.errors import UserInputError
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, "60+"))
 DEFAULT_COLUMNS = ("sex", "age_band", "view", "cohort")
@@ -48,11 +49,11 @@ def subgroup_columns(frame: pd.DataFrame, requested: list[str] | None = None) ->
         return [c for c in DEFAULT_COLUMNS if present(c) and column_values(frame, c).notna().any()]
     for column in requested:
         if not present(column):
-            raise ValueError(f"--subgroups: no column {column!r} in the test predictions or the manifest "
+            raise UserInputError(f"--subgroups: no column {column!r} in the test predictions or the manifest "
                              f"(available: {', '.join(sorted(c for c in frame.columns if not c.startswith('prob_')))})")
         n = column_values(frame, column).nunique(dropna=True)
         if n > MAX_VALUES:
-            raise ValueError(f"--subgroups: column {column!r} has {n} distinct values (at most {MAX_VALUES}): "
+            raise UserInputError(f"--subgroups: column {column!r} has {n} distinct values (at most {MAX_VALUES}): "
                              "it identifies records rather than groups")
     return list(dict.fromkeys(requested))
 

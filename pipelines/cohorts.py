@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.manifest import ContractError
+from pipelines.errors import UserInputError
 
 COHORT = "cohort"
 UNASSIGNED = "unassigned"
@@ -52,13 +53,13 @@ def assign_cohorts(image_ids: pd.Series, listed_ids: pd.Series, name: str | None
     Manifest rows the file does not name get ``unassigned``, with a count.
     """
     if name is not None and path is not None:
-        raise ValueError("give --cohort NAME or --cohorts CSV, not both")
+        raise UserInputError("give --cohort NAME or --cohorts CSV, not both")
     if name is not None:
         if not str(name).strip():
-            raise ValueError("--cohort needs a non-empty name")
+            raise UserInputError("--cohort needs a non-empty name")
         return CohortAssignment(pd.Series(str(name).strip(), index=image_ids.index, dtype="string"), [f"cohort {name!r} for every image"])
     if path is None:
-        raise ValueError("assign_cohorts needs a name or a file")
+        raise UserInputError("assign_cohorts needs a name or a file")
     table = read_cohort_file(path)
     notes = []
     unknown = sorted(set(table.index) - set(listed_ids.astype(str)))

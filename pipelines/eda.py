@@ -17,6 +17,7 @@ from pipelines import eda_figures as figures
 from pipelines.eda_figures import plural
 from pipelines.eda_pixels import PixelSample, moments, pooled, read_disk_sample, read_shard_sample, standardized_moments
 from pipelines.eda_summary import Section, to_html, to_markdown
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS, NEGATIVE, NO_FINDING, POSITIVE, UNCERTAIN
 from pipelines.manifest import ContractError
 from pipelines.shards import SPLITS
@@ -212,7 +213,7 @@ def _check_inputs(manifest: pd.DataFrame, splits: pd.DataFrame | None, shards: P
     if missing:
         raise ContractError(f"manifest is missing column(s): {', '.join(missing)}")
     if manifest.empty:
-        raise ValueError("manifest is empty: nothing to explore (did ingest quarantine every row?)")
+        raise UserInputError("manifest is empty: nothing to explore (did ingest quarantine every row?)")
     if splits is not None:
         missing = [c for c in ("image_id", "patient_id", "split") if c not in splits.columns]
         if missing:
@@ -220,9 +221,9 @@ def _check_inputs(manifest: pd.DataFrame, splits: pd.DataFrame | None, shards: P
     if shards is not None and not Path(shards).is_dir():
         raise FileNotFoundError(f"shards folder not found: {shards} (pass shards=None for a run not preprocessed)")
     if stats is not None and not (float(stats.get("std", 0)) > 0 and "mean" in stats):
-        raise ValueError(f"stats needs 'mean' and a positive 'std' (0..1 units), got {stats}")
+        raise UserInputError(f"stats needs 'mean' and a positive 'std' (0..1 units), got {stats}")
     if sample_size < 1:
-        raise ValueError(f"sample_size must be at least 1, got {sample_size}")
+        raise UserInputError(f"sample_size must be at least 1, got {sample_size}")
 
 
 @dataclass

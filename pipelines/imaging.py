@@ -12,11 +12,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.errors import CxrError, UserInputError
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# The largest square side any stage resizes to (preprocess --image-size, a checkpoint's image_size):
+# 4096x4096 uint8 is 16 MiB an image, already far beyond what a chest X-ray model is trained on.
+MAX_IMAGE_SIZE = 4096
 
 
-class DecodeError(ValueError):
+class DecodeError(CxrError, ValueError):
     """An image file that cannot be turned into pixels; the message says why."""
+
+
+def pixel_limit() -> int | None:
+    """The most samples an image may declare before it is refused as a decompression bomb, or None
+    for no limit. One setting for every format: PIL's ``Image.MAX_IMAGE_PIXELS`` (read at call time,
+    so lowering or raising it governs PNG/JPEG and DICOM alike). PIL refuses an image above twice
+    that number (``DecompressionBombError``; between one and two times it only warns); so does DICOM."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
 
 
 @dataclass(frozen=True)
@@ -65,11 +79,35 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def _check_dicom_size(ds) -> None:
+    """Refuse a DICOM whose header declares more samples (Rows x Columns x frames x samples per pixel)
+    than the pixel limit, before its pixel data is decoded: a few hundred KB declaring 60000x60000
+    would otherwise make pydicom allocate gigabytes."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except AttributeError:
+        raise DecodeError("DICOM header has no Rows/Columns: no image in the file") from None
+    except (TypeError, ValueError) as err:
+        raise DecodeError(f"DICOM header has an unreadable image size: {err}") from None
+    if min(rows, columns, frames, samples) < 1:
+        raise DecodeError(f"DICOM header declares an empty image ({rows}x{columns}, {frames} frame(s), {samples} sample(s) per pixel)")
+    total = rows * columns * frames * samples
+    limit = pixel_limit()
+    if limit is not None and total > limit:
+        raise DecodeError(
+            f"DICOM declares {rows}x{columns} pixels x {frames} frame(s) x {samples} sample(s) = {total} samples, over the "
+            f"decompression-bomb limit of {limit} (twice PIL.Image.MAX_IMAGE_PIXELS): refused before decoding"
+        )
+
+
 def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
     import pydicom  # noqa: PLC0415 - only DICOM collections need it
     from pydicom.pixels import apply_voi_lut  # noqa: PLC0415
 
-    ds = pydicom.dcmread(io.BytesIO(data))
+    ds = pydicom.dcmread(io.BytesIO(data))  # reads the header and keeps the pixel bytes undecoded
+    _check_dicom_size(ds)
     pixels = apply_voi_lut(ds.pixel_array, ds)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         pixels = pixels.max() - pixels  # MONOCHROME1 stores bone dark: invert to the usual look
@@ -79,8 +117,11 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
 def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
     """Decode ``data`` and resize to ``image_size`` square (bilinear, antialiased on downscale).
 
-    Raises DecodeError with a reason for empty, truncated or non-image data.
+    Raises DecodeError with a reason for empty, truncated or non-image data, and for images larger
+    than the pixel limit (``pixel_limit``: PIL's decompression-bomb setting, for DICOM too).
     """
+    if not isinstance(image_size, (int, np.integer)) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserInputError(f"image size must be an integer between 1 and {MAX_IMAGE_SIZE}, got {image_size!r}")
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -92,8 +133,12 @@ def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
                 opened.load()
                 mode = opened.mode
                 image = to_grayscale(opened)
+    except DecodeError:
+        raise
     except UnidentifiedImageError:
         raise DecodeError("not a recognized image format") from None
+    except Image.DecompressionBombError as err:
+        raise DecodeError(f"image too large: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt chunks this way
         raise DecodeError(f"corrupt image data: {err}") from None
     except Exception as err:  # pydicom raises its own types for broken files

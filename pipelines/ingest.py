@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from pipelines.errors import UserInputError
 from pipelines.ids import IdNormalizer
 from pipelines.manifest import conform_manifest, empty_quarantine, quarantine_records
 from pipelines.reject_guard import Rejection
@@ -129,7 +130,7 @@ def _on_disk(relative: str, listed: set[str], root: Path) -> bool:
 def ingest(source: str, label_file: Path, images_root: Path) -> IngestResult:
     """Parse ``label_file`` with the ``source`` adapter and check every path against ``images_root``."""
     if source not in ADAPTERS:
-        raise ValueError(f"unknown source {source!r}: choose one of {', '.join(ADAPTERS)}")
+        raise UserInputError(f"unknown source {source!r}: choose one of {', '.join(ADAPTERS)}")
     images_root = Path(images_root)
     if not images_root.is_dir():
         raise FileNotFoundError(f"image root is not a directory: {images_root}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import CxrError
 from pipelines.labels import FINDINGS
 
 ID_COLUMNS = ("image_id", "path", "patient_id")
@@ -17,7 +18,7 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort",)  # kept, as text, when a source 
 QUARANTINE_COLUMNS: tuple[str, ...] = ("stage", "reason", "image_id", "row", "record")
 
 
-class ContractError(ValueError):
+class ContractError(CxrError, ValueError):
     """A table does not have the shape the data contract promises (a table-level failure)."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS, POSITIVE, format_nih_labels
 
 # The findings a phantom can carry, in FINDINGS order.
@@ -495,9 +496,9 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
     other files in ``images/`` are left alone (unlisted, so ingest never reads them).
     """
     if not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
-        raise ValueError(f"n_patients must be a positive integer, got {n_patients!r}")
+        raise UserInputError(f"n_patients must be a positive integer, got {n_patients!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32 (findings vanish below that), got {image_size!r}")
+        raise UserInputError(f"image_size must be an integer >= 32 (findings vanish below that), got {image_size!r}")
     root = Path(out_dir)
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +538,7 @@ def read_boxes(boxes_csv: Path) -> pd.DataFrame:
     with opener(path, "rt", encoding="utf-8", newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows or rows[0][:2] != ["Image Index", "Finding Label"]:
-        raise ValueError(f"{path} is not an NIH box list: expected the header {BOX_HEADER!r}")
+        raise UserInputError(f"{path} is not an NIH box list: expected the header {BOX_HEADER!r}")
     records = []
     for number, row in enumerate(rows[1:], start=1):
         if not any(cell.strip() for cell in row):
@@ -546,8 +547,8 @@ def read_boxes(boxes_csv: Path) -> pd.DataFrame:
         try:
             x, y, w, h = (float(v) for v in row[2:6])
         except ValueError:
-            raise ValueError(f"{path} row {number}: expected image, finding, x, y, w, h; got {row}") from None
+            raise UserInputError(f"{path} row {number}: expected image, finding, x, y, w, h; got {row}") from None
         if finding not in FINDINGS:
-            raise ValueError(f"{path} row {number}: unknown finding {finding!r}")
+            raise UserInputError(f"{path} row {number}: unknown finding {finding!r}")
         records.append((row[0].strip(), finding, x, y, w, h))
     return pd.DataFrame(records, columns=["image_id", "finding", "x", "y", "w", "h"])

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import UserInputError
 from pipelines.imaging import DecodeError, decode_bytes
 from pipelines.labels import FINDINGS
 from pipelines.manifest import quarantine_records
@@ -100,7 +101,7 @@ def train_intensity_stats(shards: Path, image_size: int) -> dict:
     every image has the same pixel count, so the pooled moments are plain averages."""
     table = pd.read_parquet(split_dir(shards, "train"), columns=["pixel_mean", "pixel_std"])
     if table.empty:
-        raise ValueError("the train split is empty: cannot compute standardization statistics")
+        raise UserInputError("the train split is empty: cannot compute standardization statistics")
     m = table["pixel_mean"].to_numpy(np.float64)
     s = table["pixel_std"].to_numpy(np.float64)
     mean = m.mean()
@@ -128,10 +129,10 @@ def preprocess(
     import ray  # noqa: PLC0415 - the pipelines package stays importable without Ray machinery
 
     if image_size < 8:
-        raise ValueError(f"--image-size must be at least 8, got {image_size}")
+        raise UserInputError(f"--image-size must be at least 8, got {image_size}")
     rows = manifest.merge(splits[["image_id", "split"]], on="image_id", how="inner")
     if len(rows) != len(manifest):
-        raise ValueError(f"{len(manifest) - len(rows)} manifest image(s) have no split: run `cxr split` again")
+        raise UserInputError(f"{len(manifest) - len(rows)} manifest image(s) have no split: run `cxr split` again")
     root = Path(images_root).resolve()
     rows = rows.assign(abs_path=[_key(root / p) for p in rows["path"]])
     refused = _refuse_before_reading(rows, root)

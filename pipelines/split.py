@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import CxrError, UserInputError
 from pipelines.ids import normalize_ids
 from pipelines.labels import FINDINGS, POSITIVE
 
 MAX_EVAL_SHARE = 1 / 3
 
 
-class LeakageError(RuntimeError):
+class LeakageError(CxrError, RuntimeError):
     """A patient appears in more than one split, or an image is in no split or in several."""
 
 
@@ -37,9 +38,9 @@ class SplitResult:
 def _validate_fractions(test_frac: float, val_frac: float) -> None:
     for name, value in (("--test-frac", test_frac), ("--val-frac", val_frac)):
         if not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
+            raise UserInputError(f"{name} must be in [0, 1), got {value}")
     if test_frac + val_frac >= 1:
-        raise ValueError(f"--test-frac + --val-frac must leave images for training, got {test_frac + val_frac:.2f}")
+        raise UserInputError(f"--test-frac + --val-frac must leave images for training, got {test_frac + val_frac:.2f}")
 
 
 def split_patients(
@@ -51,11 +52,11 @@ def split_patients(
     when the manifest was not made by ``cxr ingest``; the splits carry that spelling."""
     _validate_fractions(test_frac, val_frac)
     if min_positives < 0:
-        raise ValueError(f"--min-positives must be >= 0, got {min_positives}")
+        raise UserInputError(f"--min-positives must be >= 0, got {min_positives}")
     manifest = manifest.assign(patient_id=normalize_ids(manifest["patient_id"]))
     unknown = manifest["patient_id"].isna()
     if unknown.any():
-        raise ValueError(
+        raise UserInputError(
             f"{int(unknown.sum())} manifest image(s) have no patient_id (e.g. {list(manifest.loc[unknown, 'image_id'][:3])}): "
             "a patient-level split needs every image's patient; run `cxr validate` to quarantine them"
         )

@@ -74,3 +74,150 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
     assert "MONOCHROME1" in d.orig_mode
     # inverted: the brightest input pixel is the darkest output pixel
     assert d.pixels.flat[np.argmax(pixels)] == d.pixels.min()
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def _dicom_bytes(rows: int, columns: int, pixel_bytes: bytes, frames: int | None = None, rle: bool = False) -> bytes:
+    """A DICOM file as pydicom writes it: a real header declaring ``rows`` x ``columns`` (x frames)
+    16-bit pixels, with whatever pixel data is given (a bomb declares far more than it holds).
+    ``rle``: the pixel data is one RLE Lossless frame (encapsulated), as scanners compress."""
+    import io
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = RLELossless if rle else ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = rows, columns
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if rle:
+        ds.PixelData = encapsulate([pixel_bytes])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = pixel_bytes
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _rle_zeros_frame(n_bytes: int) -> bytes:
+    """One RLE Lossless frame of two PackBits segments (high and low byte of 16-bit samples), each
+    runs of 128 zero bytes: ``n_bytes`` of file that decode to 64 times as much."""
+    import struct
+
+    segment = b"\x81\x00" * ((n_bytes - 64) // 4)
+    header = struct.pack("<16I", 2, 64, 64 + len(segment), *([0] * 13))
+    return header + segment + segment
+
+
+# Run in a child whose address space is capped a little above what it has mapped after its imports:
+# if the header check were missing, pydicom's 6.7 GiB allocation would fail there (MemoryError,
+# reported as "corrupt image data") instead of taking the machine's memory.
+_BOMB_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np, pydicom, pydicom.pixels  # everything the decode needs, loaded before the cap
+from pipelines.imaging import DecodeError, decode_file
+from pipelines.preprocess import _decode_batch
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (512 << 20), resource.RLIM_INFINITY))
+out = {}
+try:
+    decode_file(sys.argv[2], 32)
+    out["decode"] = "decoded"
+except DecodeError as err:
+    out["decode"] = str(err)
+data = open(sys.argv[2], "rb").read()
+good = open(sys.argv[3], "rb").read()
+meta = {p: {"image_id": p.rsplit("/", 1)[-1], "patient_id": "1", "split": "train", **{f: 0 for f in __import__("pipelines.labels").labels.FINDINGS}} for p in sys.argv[2:4]}
+batch = _decode_batch({"bytes": np.array([data, good], dtype=object), "path": np.array(sys.argv[2:4], dtype=object)}, 32, meta, None, ())
+out["splits"] = list(batch["split"])
+out["errors"] = list(batch["error"])
+print(json.dumps(out))
+"""
+
+
+def test_a_dicom_bomb_is_refused_from_its_header_and_quarantined_without_allocating(tmp_path):
+    """333 KB of RLE-compressed DICOM declaring 60000x60000 (pydicom's RLE decoder preallocates the
+    whole frame: 6.7 GiB, what the issue measured) is refused from its header; in preprocessing's
+    batch it becomes a failed row with that reason while the good image beside it decodes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(_dicom_bytes(60000, 60000, _rle_zeros_frame(333_000), rle=True))
+    assert bomb.stat().st_size < 400_000
+    good = write_png(tmp_path / "good.png", chest_like(48))
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", _BOMB_CHILD, str(repo), str(bomb), str(good)], capture_output=True,
+                           text=True, timeout=120, env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    assert "60000x60000" in out["decode"] and "decompression-bomb limit" in out["decode"], out
+    assert "MemoryError" not in out["decode"]
+    assert out["splits"] == ["_failed", "train"]
+    assert "decompression-bomb limit" in out["errors"][0] and out["errors"][1] == ""
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns between 1x and 2x the setting
+def test_one_setting_caps_png_and_dicom_alike(tmp_path, monkeypatch):
+    """PIL's Image.MAX_IMAGE_PIXELS, read at call time, governs both formats: PIL refuses above twice
+    it, and so does the DICOM header check (Rows x Columns x frames)."""
+    pixels = (chest_like(64).astype(np.uint16) * 16).astype(np.uint16)
+    dicom = tmp_path / "x.dcm"
+    dicom.write_bytes(_dicom_bytes(64, 64, pixels.tobytes()))
+    png = write_png(tmp_path / "x.png", chest_like(64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000
+    for path in (dicom, png):
+        with pytest.raises(DecodeError, match="limit"):
+            decode_file(path, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2048)  # exactly at the limit: accepted, as PIL does
+    for path in (dicom, png):
+        assert decode_file(path, 32).pixels.shape == (32, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's "no limit" switches both off
+    assert decode_file(dicom, 32).orig_width == 64
+
+
+def test_frames_count_toward_the_dicom_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 64 x 64 fits under 8000; 64 x 64 x 4 frames does not
+    data = _dicom_bytes(64, 64, np.zeros(64 * 64 * 4, np.uint16).tobytes(), frames=4)
+    (tmp_path / "f.dcm").write_bytes(data)
+    with pytest.raises(DecodeError, match="4 frame"):
+        decode_file(tmp_path / "f.dcm", 32)
+
+
+def test_a_dicom_without_an_image_size_is_a_decode_error(tmp_path):
+    data = _dicom_bytes(8, 8, np.zeros(64, np.uint16).tobytes())
+    pydicom = pytest.importorskip("pydicom")
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.Rows
+    ds.save_as(tmp_path / "norows.dcm", enforce_file_format=True)
+    with pytest.raises(DecodeError, match="Rows/Columns"):
+        decode_file(tmp_path / "norows.dcm", 32)
+
+
+@pytest.mark.parametrize("size", [0, 4097, 200_000])
+def test_an_output_size_out_of_range_is_refused_before_any_decode(tmp_path, size):
+    from pipelines.errors import UserInputError
+    from pipelines.imaging import MAX_IMAGE_SIZE
+
+    png = write_png(tmp_path / "x.png", chest_like(16))
+    with pytest.raises(UserInputError, match=str(MAX_IMAGE_SIZE)):
+        decode_file(png, size)

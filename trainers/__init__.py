@@ -16,6 +16,7 @@ _EXPORTS = {
     "write_outputs": "trainers.trainer",
     "train_loop_per_worker": "trainers.loop",
     "load_checkpoint": "trainers.checkpoint",
+    "CheckpointError": "trainers.checkpoint",
     "prepare_input": "trainers.checkpoint",
     "WeightsUnavailableError": "trainers.weights",
 }

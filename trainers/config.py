@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from pipelines.errors import UserInputError
 
 BACKBONE_CHOICES = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
 FREEZE_CHOICES = ("none", "partial", "backbone")
@@ -23,14 +26,21 @@ WEIGHTS_KEYWORDS = ("imagenet", "none")
 
 def _choose(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, choices))}")
+        raise UserInputError(f"unknown {name} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def _number(name: str, value: Any) -> None:
+    """A real, finite number: NaN and infinity pass every ``<`` check, so they are refused here."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserInputError(f"{name} must be a finite number, got {value!r}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+    _number(name, value)
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise UserInputError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass
@@ -86,25 +96,27 @@ class TrainConfig:
         _choose("ingest", self.ingest, INGEST_CHOICES)
         _choose("placement_strategy", self.placement_strategy, PLACEMENT_CHOICES)
         if not isinstance(self.weights, str) or not self.weights.strip():
-            raise ValueError("weights must be 'imagenet', 'none' or the path of a state_dict file")
+            raise UserInputError("weights must be 'imagenet', 'none' or the path of a state_dict file")
         for name in ("epochs", "batch_size", "workers", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.max_failures, int) or self.max_failures < -1:
-            raise ValueError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
+                raise UserInputError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < -1:
+            raise UserInputError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
         for name in ("lr", "cpus_per_worker"):
             _positive(name, getattr(self, name))
         for name in ("weight_decay", "gpus_per_worker", "rotate_deg", "shift", "shuffle_buffer", "under_ratio"):
             _positive(name, getattr(self, name), allow_zero=True)
+        _number("over_max_repeat", self.over_max_repeat)
         if self.over_max_repeat < 1:
-            raise ValueError(f"over_max_repeat must be >= 1, got {self.over_max_repeat!r}")
+            raise UserInputError(f"over_max_repeat must be >= 1, got {self.over_max_repeat!r}")
         for name in ("scale", "contrast"):
             value = getattr(self, name)
+            _number(name, value)
             if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+                raise UserInputError(f"{name} must be in [0, 1), got {value!r}")
         if self.fail_at_epoch is not None and not self.fail_marker:
-            raise ValueError("fail_at_epoch needs fail_marker (the file that makes the failure happen once)")
+            raise UserInputError("fail_at_epoch needs fail_marker (the file that makes the failure happen once)")
 
     @property
     def effective_loss(self) -> str:
@@ -125,7 +137,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(known))}")
+            raise UserInputError(f"unknown training option(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(known))}")
         return cls(**values)
 
     def fingerprint(self) -> str:

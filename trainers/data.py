@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split, split_dir
 from trainers.sampling import SamplingPlan, resample_rows
@@ -70,7 +71,7 @@ def validation_parts(shards: Path, image_size: int, uncertain: str, parts: int) 
     ds = tensor_dataset(shards, "val", image_size, uncertain).materialize()
     n = ds.count()
     if n == 0:
-        raise ValueError(f"the validation split under {shards} is empty: nothing to evaluate")
+        raise UserInputError(f"the validation split under {shards} is empty: nothing to evaluate")
     return ds.split_at_indices([round(n * k / parts) for k in range(1, parts)]) if parts > 1 else [ds]
 
 
@@ -80,7 +81,7 @@ def train_label_matrix(shards: Path, uncertain: str) -> np.ndarray:
     to schedule than the read)."""
     df = pd.read_parquet(split_dir(shards, "train"), columns=list(FINDINGS))
     if df.empty:
-        raise ValueError(f"the training split under {shards} is empty")
+        raise UserInputError(f"the training split under {shards} is empty")
     return apply_uncertain(df[list(FINDINGS)].to_numpy(), uncertain)
 
 

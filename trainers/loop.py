@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipelines.errors import UserInputError
 from trainers.augment import Augment, augment_batch
 from trainers.checkpoint import MODEL_FILE, model_info, read_history, read_train_state, save_checkpoint
 from trainers.config import TrainConfig
@@ -213,7 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
         timings = _all_gather((seconds, first_batch))
         slowest = max(t[0] for t in timings)
         if images_all == 0:
-            raise ValueError(f"no full training batch of {cfg.batch_size} reached the workers: lower --batch-size")
+            raise UserInputError(f"no full training batch of {cfg.batch_size} reached the workers: lower --batch-size")
         upcoming = epoch_batches(epoch + 1)  # all workers are done with this epoch's data
         scheduler.step()
         metrics = {

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def load_initial_weights(model: nn.Module, backbone: str, state: dict[str, torch
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in skipped]
     if missing or unexpected:
-        raise ValueError(
+        raise UserInputError(
             f"these weights do not fit a {backbone}: {len(missing)} missing key(s) (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); pass weights made for --backbone {backbone}"
         )

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from torchvision import models
 
+from pipelines.errors import CxrError, UserInputError
 from trainers.models import BACKBONES
 
 OFFLINE_ENV = "CXR_OFFLINE"  # set to 1 to never try a download (air-gapped clusters, tests)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(CxrError, RuntimeError):
     """The requested pretrained weights cannot be had; the message says how to proceed."""
 
 
@@ -36,9 +37,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several types for foreign or unsafe files
-        raise ValueError(f"{path} is not a plain state_dict loadable with weights_only=True: {err}") from err
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserInputError(f"{path} is not a plain state_dict loadable with weights_only=True: {first[:300]}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+        raise UserInputError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return state
 
 

@@ -14,6 +14,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 from trainers import TrainConfig
 from trainers.publish import publish_best
@@ -46,7 +47,7 @@ def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
         fits = min(fits, math.floor(resources.get("GPU", 0.0) / (cfg.workers * cfg.gpus_per_worker) + 1e-9))
     if fits < 1:
         need = f"{per_trial_cpu:g} CPU" + (f" and {cfg.workers * cfg.gpus_per_worker:g} GPU" if cfg.use_gpu else " plus 1 CPU for data reads")
-        raise ValueError(f"one trial needs {need}; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+        raise UserInputError(f"one trial needs {need}; the cluster has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
     return fits
 
 
@@ -80,7 +81,7 @@ def run_search(
     storage.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(space) - set(TrainConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown search parameter(s) {', '.join(unknown)}")
+        raise UserInputError(f"unknown search parameter(s) {', '.join(unknown)}")
     param_space = {**space, "base": base.to_dict(), "run_dir": str(run.root), "train_storage": str(storage / "train")}
     trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
     path = storage / SEARCH_NAME

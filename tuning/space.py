@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from ray import tune
 
+from pipelines.errors import UserInputError
 from trainers.config import FREEZE_CHOICES, SAMPLING_CHOICES, TrainConfig
 
 DISTRIBUTIONS = {
@@ -44,15 +45,15 @@ def load_space(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"search space file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter -> values, got {type(raw).__name__}")
+        raise UserInputError(f"{path}: expected a mapping of parameter -> values, got {type(raw).__name__}")
     known = set(TrainConfig.__dataclass_fields__)
     space: dict[str, Any] = {}
     for key, spec in raw.items():
         if key not in known:
-            raise ValueError(f"{path}: unknown parameter {key!r}; valid ones are {', '.join(sorted(known))}")
+            raise UserInputError(f"{path}: unknown parameter {key!r}; valid ones are {', '.join(sorted(known))}")
         if isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise ValueError(f"{path}: {key} must be one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)} or a plain value")
+                raise UserInputError(f"{path}: {key} must be one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)} or a plain value")
             kind, values = next(iter(spec.items()))
             space[key] = DISTRIBUTIONS[kind](values)
         else:

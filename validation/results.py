@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.errors import CxrError
+
 PASSED, WARNINGS, FAILED = "passed", "passed with warnings", "failed"
 STATUSES = (PASSED, WARNINGS, FAILED)  # best to worst
 
@@ -118,7 +120,7 @@ def combine(suite: str, main: SuiteResult, *others: SuiteResult) -> SuiteResult:
     )
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(CxrError):
     """A table-level expectation failed: the data cannot go on to the next stage as it is."""
 
 
