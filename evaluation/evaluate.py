@@ -115,15 +115,16 @@ def _baselines(run: RunDir, test: pd.DataFrame, test_images: np.ndarray, finding
 
 
 def _warnings(mean: dict, comparisons: dict[str, dict], groups: pd.DataFrame | None) -> list[str]:
-    """Where the model fails, in words: subgroups well below the overall figure, and baselines it
-    is not shown to beat (the strongest baseline overall, and inside every subgroup)."""
+    """Where the model fails, in words: subgroups well below the overall figure, and the strongest
+    baseline when the model is not shown to beat it (overall; or, when it beats it overall, in
+    each subgroup where it does not)."""
     lines = below_overall(groups, mean.get("auroc")) if groups is not None else []
     if comparisons:
         strongest = max(comparisons, key=lambda b: comparisons[b]["mean_auroc"] if comparisons[b]["mean_auroc"] is not None else -1)
         overall = verdict(strongest, comparisons[strongest])
-        if overall:
+        if overall:  # then it is no better inside the subgroups either: one line says it
             lines.append(f"Overall, the model is {overall}")
-        if groups is not None and not groups.empty:
+        elif groups is not None and not groups.empty:  # better overall: name any subgroup where it is not
             lines += not_beating_baselines(groups, [strongest], WORDS)
     return lines
 

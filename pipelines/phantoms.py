@@ -108,7 +108,7 @@ class PhantomCollection:
     boxes_csv: Path
     n_images: int
     n_patients: int
-    cohorts_csv: Path  # Image Index, cohort: a clinic (mostly PA) and a ward (mostly AP, sicker)
+    cohorts_csv: Path  # Image Index, cohort: the clinic, and the ward (patients with heart failure)
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -422,23 +422,20 @@ class _Planned:
     anatomy: Anatomy
     candidates: dict[str, Finding]  # every finding this image would show if labelled with it
     labels: set[str] = field(default_factory=set)
+    cohort: str = "clinic"
 
     @property
     def image_id(self) -> str:
         return f"{self.patient:08d}_{self.follow_up:03d}.png"
 
 
-def cohort_of(patient: int) -> str:
-    """Every third patient comes from the ward: bedside AP films and more heart failure. The two
-    cohorts differ in case mix the way real collections do (and the evaluation shows it)."""
-    return "ward" if patient % 3 == 0 else "clinic"
-
-
 def _plan_patient(seed: int, patient: int) -> list[_Planned]:
     """All follow-ups of one patient. Chronic findings (Cardiomegaly, Mass, Nodule, a tendency to
-    Effusion) belong to the patient and persist from their onset on; Pneumothorax is acute. Ward
-    patients draw the same random numbers against other thresholds (more AP, more Cardiomegaly)."""
-    ward = cohort_of(patient) == "ward"
+    Effusion) belong to the patient and persist from their onset on; Pneumothorax is acute.
+
+    Patients with heart failure (an enlarged heart or a tendency to effusions) are seen on the
+    ``ward``, everyone else in the ``clinic``: two cohorts whose case mix differs the way real
+    collections do, chosen after the draw so the images are those of a collection without cohorts."""
     rng = np.random.default_rng([seed, patient])
     n = int(rng.choice(_FOLLOW_UP_COUNTS, p=_FOLLOW_UP_P))
     sex = str(rng.choice(("M", "F")))
@@ -446,13 +443,13 @@ def _plan_patient(seed: int, patient: int) -> list[_Planned]:
     base = sample_anatomy(rng, sex)
     chronic = {k: sample_finding(rng, k, base) for k in ("Cardiomegaly", "Mass", "Nodule")}
     effusion_side = int(rng.choice((-1, 1)))
-    has = {"Cardiomegaly": rng.random() < (0.5 if ward else 0.3), "Mass": rng.random() < 0.07, "Nodule": rng.random() < 0.12}
+    has = {"Cardiomegaly": rng.random() < 0.3, "Mass": rng.random() < 0.07, "Nodule": rng.random() < 0.12}
     onset = {k: (0 if rng.random() < 0.6 else int(rng.integers(0, n))) for k in has}
     effusion_prone = rng.random() < 0.15 + 0.4 * has["Cardiomegaly"]  # heart failure
     images = []
     for k in range(n):
         age += int(rng.random() < 0.4)
-        view = "AP" if rng.random() < (0.75 if ward else 0.3) else "PA"
+        view = "AP" if rng.random() < 0.3 else "PA"
         anatomy = _follow_up(rng, base, view)
         candidates = {
             "Cardiomegaly": replace(chronic["Cardiomegaly"], size=chronic["Cardiomegaly"].size * rng.uniform(0.97, 1.03)),
@@ -466,7 +463,8 @@ def _plan_patient(seed: int, patient: int) -> list[_Planned]:
             labels.add("Effusion")
         if rng.random() < 0.06:
             labels.add("Pneumothorax")
-        images.append(_Planned(patient, k, min(age, 90), sex, view, anatomy, candidates, labels))
+        cohort = "ward" if has["Cardiomegaly"] or effusion_prone else "clinic"
+        images.append(_Planned(patient, k, min(age, 90), sex, view, anatomy, candidates, labels, cohort))
     return images
 
 
@@ -526,7 +524,7 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
     cohorts_csv = root / "cohorts.csv"
     labels_csv.write_text(NIH_HEADER + "\n" + entries.getvalue(), encoding="utf-8")
     boxes_csv.write_text(BOX_HEADER + "\n" + boxes_out.getvalue(), encoding="utf-8")
-    cohorts_csv.write_text("Image Index,cohort\n" + "".join(f"{im.image_id},{cohort_of(im.patient)}\n" for im in planned), encoding="utf-8")
+    cohorts_csv.write_text("Image Index,cohort\n" + "".join(f"{im.image_id},{im.cohort}\n" for im in planned), encoding="utf-8")
     return PhantomCollection(root, images_dir, labels_csv, boxes_csv, len(planned), n_patients, cohorts_csv)
 
 

@@ -301,3 +301,29 @@ def test_a_cohort_where_the_model_is_random_is_named():
     lines = below_overall(table, overall)
     assert len(lines) == 1 and lines[0].startswith("On cohort B (100 images")
     assert "well below" in lines[0]
+
+
+def test_the_summary_and_the_report_name_the_failing_cohort(tmp_path):
+    """Good on cohort A, random on cohort B; a metadata baseline the model beats overall but not on B."""
+    from evaluation.baselines import Baseline, compare
+    from evaluation.evaluate import _warnings
+    from evaluation.report import _glance
+    from pipelines.rundir import RunDir
+
+    rng = np.random.default_rng(2)
+    n = 400
+    cohort = np.where(np.arange(n) < 300, "A", "B")
+    y = rng.integers(0, 2, n)
+    prob = np.where(cohort == "A", 0.7 * y + 0.3 * rng.random(n), rng.random(n))
+    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "cohort": cohort, "A": y, "prob_A": prob})
+    meta = Baseline("metadata", np.where(cohort == "B", 0.3 * y + 0.7 * rng.random(n), rng.random(n))[:, None], ["sex"])
+    groups = subgroup_table(frame, ["A"], baselines={"metadata": meta.probs}, n_boot=300)
+    comparison = compare(y[:, None], prob[:, None], frame["patient_id"].to_numpy(), ["A"], meta, n_boot=300)
+    overall = auroc(y, prob)
+    lines = _warnings({"auroc": overall}, {"metadata": comparison}, groups)
+    assert any(line.startswith("On cohort B (100 images") and "well below" in line for line in lines)
+    assert any(line.startswith("On cohort B (100 images) the model is not shown to beat a metadata-only baseline") for line in lines)
+    assert not any("cohort A" in line for line in lines)
+    page = _glance({"mean": {"auroc": overall, "ci_low": 0.7, "ci_high": 0.8, "findings": ["A"]}, "n_images": n, "n_patients": n,
+                    "backbone": "resnet18", "image_size": 64, "warnings": lines}, RunDir(tmp_path))
+    assert "Where the model fails" in page and "On cohort B (100 images" in page
