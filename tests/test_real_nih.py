@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from cxr.cli import main
 from pipelines.shards import images_from_column, split_dir
@@ -18,7 +19,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, nih):
     run = tmp_path_factory.mktemp("nih_run")
-    assert main(["ingest", "--run", str(run), "--source", "nih", "--csv", str(nih / "Data_Entry_2017_v2020.csv.gz"), "--images", str(nih / "images")]) == 0
+    cohorts = ["--cohorts", str(nih / "collections.csv")] if (nih / "collections.csv").exists() else []
+    assert main(["ingest", "--run", str(run), "--source", "nih", "--csv", str(nih / "Data_Entry_2017_v2020.csv.gz"), "--images", str(nih / "images"), *cohorts]) == 0
     return run
 
 
@@ -71,6 +73,20 @@ def test_evaluate_explain_report_and_predict(run, nih, capsys):
     pneumonia = metrics["per_finding"]["Pneumonia"]
     assert pneumonia["ci_low"] <= pneumonia["auroc"] <= pneumonia["ci_high"]
     assert metrics["mean"]["ci_low"] <= metrics["mean_auroc"] <= metrics["mean"]["ci_high"]
+    assert set(metrics["baselines"]) == {"metadata", "image_statistics"}
+    if (nih / "collections.csv").exists():  # the two public collections, evaluated one by one
+        test = pd.read_parquet(run / "eval" / "predictions.parquet")
+        cohorts = metrics["subgroups"]["cohort"]
+        assert set(cohorts) == set(test["cohort"])
+        for value, entry in cohorts.items():
+            rows = test["cohort"] == value
+            assert entry["n_images"] == int(rows.sum())
+            for finding, figures in entry["per_finding"].items():
+                y = test.loc[rows, finding]
+                if figures["auroc"] is not None:
+                    assert figures["auroc"] == pytest.approx(roc_auc_score(y, test.loc[rows, f"prob_{finding}"]), abs=1e-9)
+                else:
+                    assert y[y >= 0].nunique() < 2
     assert main(["explain", "--run", str(run), "--max-images", "6"]) == 0
     out = capsys.readouterr().out
     assert "pointing game on" in out and "random point" in out  # NIH's radiologist boxes on held-out images
