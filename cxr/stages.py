@@ -368,7 +368,7 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
     from evaluation.external import below_internal  # noqa: PLC0415
     from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
-    from validation import format_summary, write_summary  # noqa: PLC0415
+    from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
 
     check_name(name)
     stats = _check_inputs(run, checkpoint)
@@ -377,7 +377,11 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
     target = run.external(name)
     with staged_dir(target) as staging:
         ext = RunDir(staging)
-        ingest_lines = ingest_stage(ext, source, label_file, images, max_reject_frac=max_reject_frac, cohort=cohort, cohorts=cohorts)
+        try:
+            ingest_lines = ingest_stage(ext, source, label_file, images, max_reject_frac=max_reject_frac, cohort=cohort, cohorts=cohorts)
+        except ValidationFailed:
+            _refuse_if_nothing_left(ext, name, label_file)  # every row quarantined: say that, not "the manifest is empty"
+            raise
         manifest, info = current_manifest(ext), _source_info(ext)
         quarantine = pd.read_parquet(ext.quarantine)
         reasons = overlap_reasons(manifest, splits)
@@ -387,9 +391,7 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
         if len(moved):
             quarantine = _concat(quarantine, moved)
             _write_manifest(ext, manifest, quarantine, {**info, "manifest_rows": len(manifest), "quarantined": len(quarantine)})
-        if manifest.empty:
-            raise UserInputError(f"external set {name!r}: none of the {info['rows_in']} rows of {label_file} can be scored; "
-                                 f"all were quarantined ({_reason_counts(quarantine)}); nothing was written")
+        _refuse_if_nothing_left(ext, name, label_file)
         test = pd.DataFrame({"image_id": manifest["image_id"], "patient_id": manifest["patient_id"], "split": "test"})
         result, decoded_out, suite, _ = _preprocess_shards(ext, manifest, test, Path(info["images"]), size, None, train_stats=False)
         write_summary([suite], ext.validation)
@@ -427,6 +429,15 @@ def _model_image_size(checkpoint: Path, stats: dict, run: RunDir) -> int:
         raise UserInputError(f"{checkpoint}/model.json expects {info['image_size']}x{info['image_size']} images but {run.stats} "
                              f"says the run's shards are {stats['image_size']}x{stats['image_size']}: pass a checkpoint trained on this run")
     return int(stats["image_size"])
+
+
+def _refuse_if_nothing_left(ext: RunDir, name: str, label_file: Path) -> None:
+    """Stop with the reasons when the external manifest (as written so far) holds no row to score."""
+    if not ext.manifest.exists() or len(pd.read_parquet(ext.manifest, columns=["image_id"])):
+        return
+    quarantine = pd.read_parquet(ext.quarantine)
+    raise UserInputError(f"external set {name!r}: none of the {len(quarantine)} rows of {label_file} can be scored; "
+                         f"all were quarantined ({_reason_counts(quarantine)}); nothing was written")
 
 
 def _reason_counts(quarantine: pd.DataFrame) -> str:
