@@ -9,6 +9,7 @@ collections share patients unless their ids are offset (``_offset_collection``).
 from __future__ import annotations
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -175,3 +176,24 @@ def test_below_internal_names_a_set_whose_interval_lies_below():
     assert "On external set site-b (40 images, 20 patients)" in below_internal("site-b", low, internal)
     assert below_internal("site-b", close, internal) is None
     assert below_internal("site-b", low, None) is None
+
+
+def test_cxr_run_configs_list_external_sets(tmp_path):
+    from cxr.config import ConfigError, load_config
+
+    base = ["run:", "  dir: run", "data:", "  source: manifest", "  csv: labels.csv", "  images: .", "external:"]
+    path = tmp_path / "c.yaml"
+    path.write_text("\n".join([*base, "  - {name: site-b, source: nih, csv: b/labels.csv, images: b/images, cohort: ward}"]) + "\n")
+    (site,) = load_config(path).external
+    assert (site.name, site.source, site.cohort, site.drop_overlap) == ("site-b", "nih", "ward", False)
+    assert site.csv == str(tmp_path / "b" / "labels.csv") and site.images == str(tmp_path / "b" / "images")
+    for item, message in [("{name: b, source: phantoms, csv: x, images: y}", "external[0].source"),
+                          ("{name: b, source: nih, csv: x}", "external[0].images is required"),
+                          ("{name: ../b, source: nih, csv: x, images: y}", "external[0].name"),
+                          ("{name: b, source: nih, csv: x, images: y, colour: red}", "unknown key 'external[0].colour'")]:
+        path.write_text("\n".join([*base, f"  - {item}"]) + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+    path.write_text("\n".join([*base, "  - {name: b, source: nih, csv: x, images: y}", "  - {name: b, source: nih, csv: z, images: y}"]) + "\n")
+    with pytest.raises(ConfigError, match="used twice"):
+        load_config(path)
