@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.atomic import staged_dir, write_json
+from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
 from pipelines.errors import UserInputError
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
@@ -399,6 +399,8 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
             raise UserInputError(f"external set {name!r}: none of its {len(manifest)} images could be decoded "
                                  f"({_reason_counts(decoded_out)}); nothing was written")
         evaluation = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=False, subgroups=subgroups, data=ext)
+        summary_json = ext.validation / "summary.json"  # names its Data Docs pages by absolute path: the final one
+        write_text(summary_json, summary_json.read_text().replace(str(ext.root), str(target)))
     m = evaluation.metrics
     internal = json.loads((run.eval / "metrics.json").read_text()) if (run.eval / "metrics.json").exists() else None
     quarantined = info["rows_in"] - result.written["test"]
@@ -410,16 +412,18 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
         f"{m['n_images']} images of {m['n_patients']} patients"
         + (f"; internal test {_fmt(internal['mean']['auroc'])} ({_fmt(internal['mean']['ci_low'])}-{_fmt(internal['mean']['ci_high'])})"
            if internal else "; no internal figure yet (run `cxr evaluate`)"),
-        "  per finding: external AUROC [95% CI]" + ("  |  internal test" if internal else ""),
+        "  per finding: external AUROC [95% CI]" + ("  |  internal test" if internal else "") + "  (findings undefined on both left out)",
     ]
     for f, v in m["per_finding"].items():
+        theirs = internal["per_finding"].get(f, {}).get("auroc") if internal else None
+        if v["auroc"] is None and theirs is None:
+            continue  # undefined on both: nothing to compare
         interval = f"[{_fmt(v['ci_low'])}-{_fmt(v['ci_high'])}]" if v["auroc"] is not None else "undefined"
-        inside = f"  |  {_fmt(internal['per_finding'].get(f, {}).get('auroc'))}" if internal else ""
-        lines.append(f"    {f:<19} {_fmt(v['auroc'])} {interval}{inside}")
+        lines.append(f"    {f:<19} {_fmt(v['auroc'])} {interval}" + (f"  |  {_fmt(theirs)}" if internal else ""))
     worse = below_internal(name, m, internal)
     lines += [f"  ! {w}" for w in ([worse] if worse else []) + m.get("warnings", [])]
     lines += [format_summary([suite]), f"wrote {target}: manifest.parquet, quarantine.parquet, source.json, validation/, shards/, eval/"]
-    return "\n".join(lines)
+    return "\n".join(lines).replace(str(ext.root), str(target))
 
 
 def _model_image_size(checkpoint: Path, stats: dict, run: RunDir) -> int:

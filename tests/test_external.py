@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import re
+import html
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,7 @@ def test_external_set_is_scored_as_evaluate_scores_the_test_split(run, tmp_path,
                  "eval/metrics.json", "eval/subgroups.csv"):
         assert (ext.root / name).is_file(), name
     assert not list(ext.root.parent.glob(".*staging*"))
+    assert "staging" not in out and "staging" not in (ext.validation / "summary.json").read_text()  # paths name the final folder
     manifest = pd.read_parquet(ext.manifest)
     assert len(manifest) + len(pd.read_parquet(ext.quarantine)) == json.loads(ext.source_json.read_text())["rows_in"]
 
@@ -197,3 +200,21 @@ def test_cxr_run_configs_list_external_sets(tmp_path):
     path.write_text("\n".join([*base, "  - {name: b, source: nih, csv: x, images: y}", "  - {name: b, source: nih, csv: z, images: y}"]) + "\n")
     with pytest.raises(ConfigError, match="used twice"):
         load_config(path)
+
+
+def test_report_flags_an_external_set_whose_interval_lies_below_the_internal_figure(run):
+    from evaluation import write_report
+
+    internal = json.loads((run.eval / "metrics.json").read_text())
+    point = internal["mean"]["auroc"]
+    low = {**internal, "mean": {**internal["mean"], "auroc": point - 0.2, "ci_low": point - 0.3, "ci_high": point - 0.1}}
+    folder = run.external("far-site") / "eval"
+    folder.mkdir(parents=True)
+    try:
+        (folder / "metrics.json").write_text(json.dumps(low))
+        report = write_report(run.root).read_text()
+    finally:
+        shutil.rmtree(folder.parent)
+    sentence = below_internal("far-site", low, internal)
+    assert sentence and html.escape(sentence) in report
+    assert report.index(html.escape(sentence)) < report.index('<section id="external"')  # in "At a glance" first
