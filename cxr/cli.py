@@ -78,6 +78,11 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
         raise UserInputError(f"{option} expects comma-separated numbers, got {text!r}") from None
 
 
+def _columns(text: str | None) -> list[str] | None:
+    """``--subgroups a,b`` as a list; None (the default columns) when not given."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray pipeline on Ray: ingest, validate, split, preprocess, explore, train, tune, evaluate, explain, report; run it all from one config, locally or as a Ray job.", formatter_class=fmt)
@@ -144,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
     p.add_argument("--no-robustness", action="store_true", help="skip the perturbation sweep")
     p.add_argument("--subgroups", default=None, metavar="COL[,COL...]", help="manifest columns to break results down by (at most 20 values each; default: every one of sex, age_band, view, cohort present)")
+
+    p = verbs.add_parser("external", help="external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME", formatter_class=fmt)
+    _run_arg(p)
+    p.add_argument("--name", required=True, help="the external set's name: its folder under <run>/external/")
+    p.add_argument("--source", required=True, choices=["nih", "chexpert", "manifest"], help="the label file's format")
+    p.add_argument("--csv", required=True, type=Path, help="the external collection's label file")
+    p.add_argument("--images", required=True, type=Path, help="the external collection's image root")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cohort", default=None, metavar="NAME", help="the cohort of every external image")
+    group.add_argument("--cohorts", default=None, type=Path, metavar="CSV", help="a CSV of image id, cohort: each external image's cohort")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: <run>/tune/best, else <run>/train/best)")
+    p.add_argument("--drop-overlap", action="store_true", help="quarantine images whose patient or image id is in the run's train/val split (default: refuse the set)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
+    p.add_argument("--subgroups", default=None, metavar="COL[,COL...]", help="manifest columns to break results down by (default as cxr evaluate)")
+    _max_reject_frac(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
 
     p = verbs.add_parser("explain", help="Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes", formatter_class=fmt)
     p.add_argument("--run", type=Path, metavar="DIR", default=None, help="explain a run: gallery of test images and the pointing game (needs cxr evaluate)")
@@ -227,8 +248,14 @@ def dispatch(args: argparse.Namespace) -> str:
         raise UserInputError("explain needs --run DIR, or --images with --checkpoint and --out")
     run = RunDir(args.run)
     if args.verb == "evaluate":
-        columns = [c.strip() for c in args.subgroups.split(",") if c.strip()] if args.subgroups else None
-        return stages.evaluate_stage(run, args.checkpoint, n_boot=args.bootstrap, robustness=not args.no_robustness, subgroups=columns)
+        return stages.evaluate_stage(run, args.checkpoint, n_boot=args.bootstrap, robustness=not args.no_robustness, subgroups=_columns(args.subgroups))
+    if args.verb == "external":
+        from cxr.runtime import ray_session  # noqa: PLC0415
+
+        with ray_session(args.address):
+            return stages.external_stage(run, args.name, args.source, args.csv, args.images, cohort=args.cohort, cohorts=args.cohorts,
+                                         checkpoint=args.checkpoint, drop_overlap=args.drop_overlap, n_boot=args.bootstrap,
+                                         max_reject_frac=args.max_reject_frac, subgroups=_columns(args.subgroups))
     if args.verb == "explain":
         return stages.explain_stage(run, args.checkpoint, max_images=args.max_images)
     if args.verb == "report":

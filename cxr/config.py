@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.errors import CxrError
+from pipelines.errors import CxrError, UserInputError
+from pipelines.external import check_name
 from pipelines.imaging import MAX_IMAGE_SIZE
 from trainers.config import FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, TrainConfig
 
@@ -114,6 +115,19 @@ class EvaluateSection:
 
 
 @dataclass
+class ExternalSet:
+    """One external validation set (``cxr external``), scored after evaluate."""
+
+    name: str
+    source: str
+    csv: str
+    images: str
+    cohort: str | None = None
+    cohorts: str | None = None
+    drop_overlap: bool = False  # quarantine patients/images the run trained or validated on, instead of refusing
+
+
+@dataclass
 class ExplainSection:
     enabled: bool = True
     checkpoint: str | None = None  # None: as evaluate
@@ -137,6 +151,7 @@ class Config:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     explain: ExplainSection = field(default_factory=ExplainSection)
     report: ReportSection = field(default_factory=ReportSection)
+    external: list[ExternalSet] = field(default_factory=list)
 
     def tune_base(self) -> TrainConfig:
         """What every trial starts from: the train section with ``tune.base`` on top."""
@@ -299,6 +314,18 @@ def _check(config: Config) -> None:
         raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
     if d.cohort is not None and d.cohorts is not None:
         raise ConfigError("data.cohort and data.cohorts exclude each other: name one cohort for all, or a file")
+    names = [x.name for x in config.external]
+    for i, x in enumerate(config.external):
+        if x.source not in SOURCES or x.source == "phantoms":
+            raise ConfigError(f"external[{i}].source must be one of nih, chexpert, manifest, got {x.source!r}")
+        if x.cohort is not None and x.cohorts is not None:
+            raise ConfigError(f"external[{i}].cohort and external[{i}].cohorts exclude each other")
+        if names.count(x.name) > 1:
+            raise ConfigError(f"external[{i}].name {x.name!r} is used twice: each set needs its own folder")
+        try:
+            check_name(x.name)
+        except UserInputError as err:
+            raise ConfigError(f"external[{i}].name: {err}") from None
     if d.source == "phantoms":
         for name in ("csv", "images", "cohort", "cohorts"):
             if getattr(d, name) is not None:
@@ -361,6 +388,9 @@ def _resolve_paths(config: Config, base: Path) -> None:
         value = getattr(owner, name)
         if value is not None:
             setattr(owner, name, _resolve(value, base))
+    for x in config.external:
+        x.csv, x.images = _resolve(x.csv, base), _resolve(x.images, base)
+        x.cohorts = _resolve(x.cohorts, base) if x.cohorts is not None else None
     weights = config.train.config.weights
     if weights not in ("imagenet", "none"):  # a local state_dict file
         config.train.config.weights = _resolve(weights, base)

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 from cxr.config import Config, ConfigError, is_uri
 from pipelines.rundir import RunDir
 
-STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "evaluate", "explain", "report")
+STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report")
 # What each stage reads: a disabled dependency is replaced by its own dependencies.
 DEPS: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -37,10 +37,11 @@ DEPS: dict[str, tuple[str, ...]] = {
     "train": ("preprocess",),
     "tune": ("preprocess",),
     "evaluate": ("train", "tune"),
+    "external": ("evaluate",),  # the model, and the internal figure its summary compares with
     "explain": ("train", "tune"),
-    "report": ("eda", "evaluate", "explain"),
+    "report": ("eda", "evaluate", "external", "explain"),
 }
-RAY_STAGES = frozenset({"preprocess", "train", "tune", "evaluate", "explain"})
+RAY_STAGES = frozenset({"preprocess", "train", "tune", "evaluate", "external", "explain"})
 STAMP_DIR = ".stages"
 
 
@@ -155,8 +156,9 @@ def _stage_function(name: str) -> Callable[..., str]:
 
 
 def enabled_stages(config: Config) -> set[str]:
-    """Ingest and split always run; every other stage has ``enabled`` in its section."""
-    return {name for name in STAGES if name in ("ingest", "split") or getattr(config, name).enabled}
+    """Ingest and split always run; external runs when it lists sets; every other stage has
+    ``enabled`` in its section."""
+    return {name for name in STAGES if name in ("ingest", "split") or (bool(config.external) if name == "external" else getattr(config, name).enabled)}
 
 
 def upstream(name: str, on: set[str]) -> list[str]:
@@ -250,10 +252,22 @@ def build_stages(config: Config) -> list[Stage]:
             fn, given = _stage_function(name), getattr(config, name).checkpoint
             table[name] = Stage(name, {name: _section(getattr(config, name))},
                                 lambda run, r, fn=fn, given=given, kw=extra[name]: fn(run, checkpoint=checkpoint(run, given), **kw))
+    if "external" in on:
+        given = config.evaluate.checkpoint
+        table["external"] = Stage("external", {"external": [dataclasses.asdict(x) for x in config.external], "checkpoint": given},
+                                  lambda run, r: "\n".join(_external_set(run, x, checkpoint(run, given)) for x in config.external))
     if "report" in on:
         report = _stage_function("report")
         table["report"] = Stage("report", {}, lambda run, r: report(run))
     return [table[name] for name in STAGES if name in on]
+
+
+def _external_set(run: RunDir, x, checkpoint: Path | None) -> str:
+    """``cxr external`` for one set of the config's ``external:`` list."""
+    from cxr import stages  # noqa: PLC0415
+
+    return stages.external_stage(run, x.name, x.source, Path(x.csv), Path(x.images), cohort=x.cohort,
+                                 cohorts=Path(x.cohorts) if x.cohorts else None, checkpoint=checkpoint, drop_overlap=x.drop_overlap)
 
 
 def _can_restore_search(run: RunDir) -> bool:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.atomic import staged_dir, write_json
+from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
+from pipelines.errors import UserInputError
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
 from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
@@ -193,15 +194,43 @@ def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None
     The shards are built in a staging folder and swapped in only when complete, with a lineage
     record shared with ``stats.json``: a killed or interrupted re-run leaves the previous shards
     (or, killed mid-swap, none), never a partial set that a later verb accepts."""
-    from pipelines.lineage import shards_made_from, write_shards_lineage  # noqa: PLC0415
-    from pipelines.preprocess import preprocess  # noqa: PLC0415
-    from validation import REJECT_FLAGS, format_summary, image_checks, validate_images, write_summary  # noqa: PLC0415
+    from validation import format_summary, write_summary  # noqa: PLC0415
 
     manifest = manifest_of(run)
     splits, info = splits_of(run, manifest), _source_info(run)
+    result, quarantine, suite, lineage = _preprocess_shards(run, manifest, splits, Path(info["images"]), image_size, num_blocks)
+    stats = {**result.stats, **lineage}
+    write_json(run.stats, stats)
+    summary_path = write_summary([suite], run.validation)
+    lines = [
+        _preprocess_line(result, image_size),
+        *[f"  quarantined {r.image_id}: {r.reason}" for r in quarantine.head(20).itertuples()],
+        f"  train intensity: mean {result.stats['mean']:.4f}, std {result.stats['std']:.4f} (0..1 units, train split only)",
+        format_summary([suite]),
+        f"wrote {run.shards}, {run.stats}, {summary_path}",
+    ]
+    return "\n".join(lines)
+
+
+def _preprocess_line(result, image_size: int) -> str:
+    return (f"preprocess: {sum(result.written.values())} images at {image_size}x{image_size} "
+            + ", ".join(f"{s} {n}" for s, n in result.written.items()) + f"; {len(result.quarantine)} quarantined")
+
+
+def _preprocess_shards(run: RunDir, manifest: pd.DataFrame, splits: pd.DataFrame, images: Path, image_size: int,
+                       num_blocks: int | None, train_stats: bool = True):
+    """Ray Data into ``run.shards`` (staged, swapped in whole) with the image suite; the images it
+    rejects replace the ``preprocess`` records of ``run.quarantine``. Shared by ``cxr preprocess``
+    and ``cxr external``, so an external collection is decoded exactly as training's was.
+    Returns the preprocess result, this stage's quarantine, the suite and the shards' lineage."""
+    from pipelines.lineage import shards_made_from, write_shards_lineage  # noqa: PLC0415
+    from pipelines.preprocess import preprocess  # noqa: PLC0415
+    from validation import REJECT_FLAGS, image_checks, validate_images  # noqa: PLC0415
+
     lineage = shards_made_from(manifest, splits)
     with staged_dir(run.shards) as staging:
-        result = preprocess(manifest, splits, Path(info["images"]), staging, image_size=image_size, num_blocks=num_blocks, checks=image_checks, reject_flags=REJECT_FLAGS)
+        result = preprocess(manifest, splits, images, staging, image_size=image_size, num_blocks=num_blocks, checks=image_checks,
+                            reject_flags=REJECT_FLAGS, train_stats=train_stats)
         suite = validate_images(result.image_table, run.validation, image_size=image_size)
         # The GX verdicts name the reasons; the batch flags already kept those images out of the shards.
         table = result.image_table.reset_index(drop=True)
@@ -212,19 +241,7 @@ def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None
         quarantine = result.quarantine.assign(reason=[f"{verdicts[i]}: {r}" if i in verdicts else r for i, r in zip(result.quarantine["image_id"], result.quarantine["reason"])])
         replace_stage_quarantine(run.quarantine, "preprocess", quarantine)
         write_shards_lineage(staging, lineage)
-    stats = {**result.stats, **lineage}
-    write_json(run.stats, stats)
-    summary_path = write_summary([suite], run.validation)
-    lines = [
-        f"preprocess: {sum(result.written.values())} images at {image_size}x{image_size} "
-        + ", ".join(f"{s} {n}" for s, n in result.written.items())
-        + f"; {len(result.quarantine)} quarantined",
-        *[f"  quarantined {r.image_id}: {r.reason}" for r in quarantine.head(20).itertuples()],
-        f"  train intensity: mean {result.stats['mean']:.4f}, std {result.stats['std']:.4f} (0..1 units, train split only)",
-        format_summary([suite]),
-        f"wrote {run.shards}, {run.stats}, {summary_path}",
-    ]
-    return "\n".join(lines)
+    return result, quarantine, suite, lineage
 
 
 def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
@@ -327,14 +344,109 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
     return "\n".join(lines)
 
 
-def _check_inputs(run: RunDir, checkpoint: Path | None) -> None:
-    """Evaluate and explain read the shards and the run's own checkpoint: both must be current."""
+def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
+    """Evaluate and explain read the shards and the run's own checkpoint: both must be current.
+    Returns the shards' ``stats.json``."""
     from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.lineage import check_model_lineage  # noqa: PLC0415
 
     stats = current_shards(run)
     if checkpoint is None:
         check_model_lineage(run, resolve_checkpoint(run.root), stats)
+    return stats
+
+
+def external_stage(run: RunDir, name: str, source: str, label_file: Path, images: Path, cohort: str | None = None,
+                   cohorts: Path | None = None, checkpoint: Path | None = None, drop_overlap: bool = False, n_boot: int = 1000,
+                   max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC, subgroups: list[str] | None = None) -> str:
+    """External validation: ingest a second collection with the run's own ingest and suites, refuse
+    (or, with ``drop_overlap``, quarantine) patients and images the model trained or was selected on,
+    preprocess it at the run's image size and score it as ``cxr evaluate`` scores the test split,
+    into ``<run>/external/NAME/``. Built in a staging folder and swapped in only when every step
+    succeeded: a refused or failed run leaves the previous ``external/NAME/``, or none."""
+    from evaluation import evaluate_run  # noqa: PLC0415
+    from evaluation.external import below_internal  # noqa: PLC0415
+    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
+    from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
+    from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
+
+    check_name(name)
+    stats = _check_inputs(run, checkpoint)
+    size = _model_image_size(resolve_checkpoint(run.root, checkpoint), stats, run)
+    splits = splits_of(run)
+    target = run.external(name)
+    with staged_dir(target) as staging:
+        ext = RunDir(staging)
+        try:
+            ingest_lines = ingest_stage(ext, source, label_file, images, max_reject_frac=max_reject_frac, cohort=cohort, cohorts=cohorts)
+        except ValidationFailed:
+            _refuse_if_nothing_left(ext, name, label_file)  # every row quarantined: say that, not "the manifest is empty"
+            raise
+        manifest, info = current_manifest(ext), _source_info(ext)
+        quarantine = pd.read_parquet(ext.quarantine)
+        reasons = overlap_reasons(manifest, splits)
+        if not drop_overlap:
+            refuse_overlap(manifest, reasons, name)
+        manifest, moved = split_off(manifest, reasons)
+        if len(moved):
+            quarantine = _concat(quarantine, moved)
+            _write_manifest(ext, manifest, quarantine, {**info, "manifest_rows": len(manifest), "quarantined": len(quarantine)})
+        _refuse_if_nothing_left(ext, name, label_file)
+        test = pd.DataFrame({"image_id": manifest["image_id"], "patient_id": manifest["patient_id"], "split": "test"})
+        result, decoded_out, suite, _ = _preprocess_shards(ext, manifest, test, Path(info["images"]), size, None, train_stats=False)
+        write_summary([suite], ext.validation)
+        if result.written["test"] == 0:
+            raise UserInputError(f"external set {name!r}: none of its {len(manifest)} images could be decoded "
+                                 f"({_reason_counts(decoded_out)}); nothing was written")
+        evaluation = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=False, subgroups=subgroups, data=ext)
+        summary_json = ext.validation / "summary.json"  # names its Data Docs pages by absolute path: the final one
+        write_text(summary_json, summary_json.read_text().replace(str(ext.root), str(target)))
+    m = evaluation.metrics
+    internal = json.loads((run.eval / "metrics.json").read_text()) if (run.eval / "metrics.json").exists() else None
+    quarantined = info["rows_in"] - result.written["test"]
+    lines = [
+        f"external {name}: {info['rows_in']} rows in = {result.written['test']} scored + {quarantined} quarantined "
+        f"({len(moved)} overlapping the run's train/val split, {len(decoded_out)} not decodable)",
+        *["  " + line for line in ingest_lines.splitlines()[:-1]],
+        f"  mean AUROC {_fmt(m['mean']['auroc'])} (95% CI {_fmt(m['mean']['ci_low'])}-{_fmt(m['mean']['ci_high'])}) on "
+        f"{m['n_images']} images of {m['n_patients']} patients"
+        + (f"; internal test {_fmt(internal['mean']['auroc'])} ({_fmt(internal['mean']['ci_low'])}-{_fmt(internal['mean']['ci_high'])})"
+           if internal else "; no internal figure yet (run `cxr evaluate`)"),
+        "  per finding: external AUROC [95% CI]" + ("  |  internal test" if internal else "") + "  (findings undefined on both left out)",
+    ]
+    for f, v in m["per_finding"].items():
+        theirs = internal["per_finding"].get(f, {}).get("auroc") if internal else None
+        if v["auroc"] is None and theirs is None:
+            continue  # undefined on both: nothing to compare
+        interval = f"[{_fmt(v['ci_low'])}-{_fmt(v['ci_high'])}]" if v["auroc"] is not None else "undefined"
+        lines.append(f"    {f:<19} {_fmt(v['auroc'])} {interval}" + (f"  |  {_fmt(theirs)}" if internal else ""))
+    worse = below_internal(name, m, internal)
+    lines += [f"  ! {w}" for w in ([worse] if worse else []) + m.get("warnings", [])]
+    lines += [format_summary([suite]), f"wrote {target}: manifest.parquet, quarantine.parquet, source.json, validation/, shards/, eval/"]
+    return "\n".join(lines).replace(str(ext.root), str(target))
+
+
+def _model_image_size(checkpoint: Path, stats: dict, run: RunDir) -> int:
+    """The image size external images are preprocessed at: the run's, which the model must share."""
+    info = json.loads((Path(checkpoint) / "model.json").read_text())
+    if int(info["image_size"]) != int(stats["image_size"]):
+        raise UserInputError(f"{checkpoint}/model.json expects {info['image_size']}x{info['image_size']} images but {run.stats} "
+                             f"says the run's shards are {stats['image_size']}x{stats['image_size']}: pass a checkpoint trained on this run")
+    return int(stats["image_size"])
+
+
+def _refuse_if_nothing_left(ext: RunDir, name: str, label_file: Path) -> None:
+    """Stop with the reasons when the external manifest (as written so far) holds no row to score."""
+    if not ext.manifest.exists() or len(pd.read_parquet(ext.manifest, columns=["image_id"])):
+        return
+    quarantine = pd.read_parquet(ext.quarantine)
+    raise UserInputError(f"external set {name!r}: none of the {len(quarantine)} rows of {label_file} can be scored; "
+                         f"all were quarantined ({_reason_counts(quarantine)}); nothing was written")
+
+
+def _reason_counts(quarantine: pd.DataFrame) -> str:
+    counts = quarantine["reason"].str.split(r" \(|:", regex=True).str[0].value_counts()
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items())
 
 
 def _signed(value) -> str:

@@ -141,23 +141,29 @@ def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
 
 
 def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
-                 robustness: bool = True, threshold_rule: str = "youden", subgroups: list[str] | None = None) -> EvalResult:
+                 robustness: bool = True, threshold_rule: str = "youden", subgroups: list[str] | None = None,
+                 data: RunDir | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` (default: ``<run>/tune/best``, else ``<run>/train/best``) on the
     run's test split beside both baselines, broken down by ``subgroups`` (default: every one of
-    sex, age band, view and cohort present); write ``<run>/eval/``."""
+    sex, age band, view and cohort present); write ``<run>/eval/``.
+
+    ``data`` scores another collection instead (external validation): its test shards and manifest
+    are read and its ``eval/`` written, while thresholds are still chosen on the run's validation
+    split and the baselines fit on the run's train split, so both sets are judged by one rule."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when evaluating
 
     run = RunDir(run_dir)
+    data = run if data is None else data
     checkpoint = resolve_checkpoint(run.root, checkpoint)
     model, info = load_checkpoint(checkpoint)
     findings, size = list(info["findings"]), int(info["image_size"])
     unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
         raise UserInputError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
-    test, val = load_split(run.root, "test", size), load_split(run.root, "val", size)
+    test, val = load_split(data.root, "test", size), load_split(run.root, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)
-    frame = _with_meta(prediction_frame(test, test_probs, findings), run)
+    frame = _with_meta(prediction_frame(test, test_probs, findings), data)
     labels, val_labels = test.labels(findings), val.labels(findings)
     patients = frame["patient_id"].to_numpy()
     columns = subgroup_columns(frame, subgroups)
@@ -178,7 +184,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
 
     # Built in a staging folder and swapped in whole: an interrupted evaluation leaves the last
     # complete eval/ (which explain and report read), never a mix of two.
-    with staged_dir(run.eval) as out:
+    with staged_dir(data.eval) as out:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         frame.to_parquet(out / "predictions.parquet", index=False)
         _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
@@ -226,5 +232,5 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
             "figures": {k: str(p.relative_to(out)) for k, p in made.items()},
         }
         write_json(out / "metrics.json", metrics)
-    made = {k: run.eval / p.relative_to(out) for k, p in made.items()}
-    return EvalResult(run.eval, metrics, frame, robust, groups, made)
+    made = {k: data.eval / p.relative_to(out) for k, p in made.items()}
+    return EvalResult(data.eval, metrics, frame, robust, groups, made)

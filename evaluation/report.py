@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.external import below_internal, external_metrics
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 from validation.report import overall, suite_status
@@ -478,7 +479,35 @@ def _explain_section(run: RunDir) -> str | None:
                     body)
 
 
-def _glance(metrics: dict | None, run: RunDir) -> str:
+def _external_section(metrics: dict | None, externals: dict[str, dict], flags: list[str]) -> str | None:
+    """The internal test split and every external set side by side: mean and per-finding AUROC with
+    intervals, and in words each external set whose interval lies wholly below the internal figure."""
+    if not externals:
+        return None
+    sets = ({"internal test": metrics} if metrics else {}) | {f"external: {name}": m for name, m in externals.items()}
+
+    def cell(figure: dict | None) -> str:
+        if not figure or figure.get("auroc") is None:
+            return "—"
+        return f"<b>{_num(figure['auroc'])}</b> [{_ci(figure.get('ci_low'), figure.get('ci_high'))}]"
+
+    rows = [["images / patients", *[f"{m['n_images']:,} / {m['n_patients']:,}" for m in sets.values()]],
+            ["mean AUROC [95% CI]", *[cell(m["mean"]) for m in sets.values()]]]
+    findings = [f for f in FINDINGS if any(m["per_finding"].get(f, {}).get("auroc") is not None for m in sets.values())]
+    rows += [[_e(f.replace("_", " ")), *[cell(m["per_finding"].get(f)) for m in sets.values()]] for f in findings]
+    body = _table(["", *[_e(n) for n in sets]], rows, numeric=set(range(1, len(sets) + 1)),
+                  row_classes=["", "total", *[""] * len(findings)])
+    if flags:
+        body += '<div class="failures"><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in flags) + "</ul></div>"
+    body += ('<p class="note">Each external set was ingested and validated with the run\'s own suites, checked to share no '
+             "patient or image with the training and validation splits, preprocessed at the run's image size and scored "
+             "with the run's thresholds (chosen on validation) and baselines (fit on training). Intervals resample patients.</p>")
+    return _section("external", "External validation: other collections",
+                    "A model that only works on the collection it was trained on has learned that collection. "
+                    "Here the same model is scored on collections it has never seen.", body)
+
+
+def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -> str:
     cards = []
     if metrics:
         mean = metrics["mean"]
@@ -501,7 +530,7 @@ def _glance(metrics: dict | None, run: RunDir) -> str:
         cards.append(("data validation", _e(status_words(top["status"], top["warnings"])), _e(detail)))
     if not cards:
         return ""
-    failures = (metrics or {}).get("warnings") or []
+    failures = [*((metrics or {}).get("warnings") or []), *external_flags]
     box = ('<div class="failures"><h3>Where the model fails</h3><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in failures)
            + "</ul></div>") if failures else ""
     return '<section id="summary"><h2>At a glance</h2>' + box + '<div class="cards">' + "".join(
@@ -511,7 +540,7 @@ def _glance(metrics: dict | None, run: RunDir) -> str:
 
 NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "training": "Training",
               "discrimination": "AUROC", "baselines": "Baselines", "operating-points": "Operating points", "calibration": "Calibration",
-              "robustness": "Robustness", "subgroups": "Subgroups", "explanations": "Grad-CAM"}
+              "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "explanations": "Grad-CAM"}
 
 
 def write_report(run_dir: Path) -> Path:
@@ -522,11 +551,14 @@ def write_report(run_dir: Path) -> Path:
     metrics = _read_json(run.eval / "metrics.json")
     with tempfile.TemporaryDirectory() as scratch:  # the training figure lives only inside the page
         training = _training_section(run, Path(scratch))
-    sections = [_glance(metrics, run), _data_section(run), _splits_section(run), training]
+    externals = external_metrics(run.root)
+    flags = [w for name, m in externals.items() if (w := below_internal(name, m, metrics))]
+    sections = [_glance(metrics, run, flags), _data_section(run), _splits_section(run), training]
     if metrics:
         sections += [_discrimination_section(metrics, run.eval), _baseline_section(metrics), _operating_section(metrics),
                      _calibration_section(metrics, run.eval), _robustness_section(metrics, run.eval),
                      _subgroup_section(metrics, run.eval)]
+    sections.append(_external_section(metrics, externals, flags))
     sections.append(_explain_section(run))
     sections = [s for s in sections if s]
     present = [key for key in NAV_TITLES if f'<section id="{key}"' in "".join(sections)]

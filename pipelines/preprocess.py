@@ -119,8 +119,11 @@ def preprocess(
     batch_size: int | None = None,
     checks: BatchChecks | None = None,
     reject_flags: tuple[str, ...] = (),
+    train_stats: bool = True,
 ) -> PreprocessResult:
     """Run the pipeline on whatever Ray cluster the caller is connected to; rewrites ``shards``.
+    ``train_stats=False`` for a collection without a train split (external validation: the model
+    standardizes with its own training statistics), whose ``stats`` are then empty.
 
     ``batch_size=None`` decodes each read block as one batch, which lets Ray fuse the read and the
     decode into one task (no hand-off of raw PNG bytes through the object store); measured faster
@@ -149,7 +152,7 @@ def preprocess(
     )
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks, "reject_flags": tuple(reject_flags)})
     ds.write_parquet(str(shards), partition_cols=["split"])
-    return _collect(rows, refused, shards, image_size, tuple(reject_flags))
+    return _collect(rows, refused, shards, image_size, tuple(reject_flags), train_stats)
 
 
 def _refuse_before_reading(rows: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -170,7 +173,8 @@ def inside_root(root: Path, path: str) -> bool:
     return os.path.realpath(path).startswith(real_root + os.sep)
 
 
-def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...]) -> PreprocessResult:
+def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...],
+             train_stats: bool = True) -> PreprocessResult:
     """Read back only the small columns to account for every input image and build the stats."""
     small = ["image_id", "orig_width", "orig_height", "orig_mode", "pixel_mean", "pixel_std", "clipped_frac", "error", *reject_flags]
     parts = []
@@ -197,7 +201,7 @@ def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size
     written = {s: int((table["split"] == s).sum()) for s in SPLITS}
     if sum(written.values()) + len(quarantine) != len(rows) + len(refused):
         raise RuntimeError(f"preprocess lost or duplicated images: {len(rows) + len(refused)} in, {sum(written.values())} written + {len(quarantine)} quarantined")
-    return PreprocessResult(written, quarantine, train_intensity_stats(shards, image_size), image_table)
+    return PreprocessResult(written, quarantine, train_intensity_stats(shards, image_size) if train_stats else {}, image_table)
 
 
 def _failure_reason(row: dict, reject_flags: tuple[str, ...]) -> str:

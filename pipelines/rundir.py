@@ -68,3 +68,8 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def external(self, name: str) -> Path:
+        """An external validation set's own run-shaped folder (manifest, quarantine, validation,
+        shards, eval), scored by this run's model: ``RunDir(run.external(name))``."""
+        return self.root / "external" / name

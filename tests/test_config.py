@@ -180,6 +180,11 @@ class FakeStages:
         (run.eval / "metrics.json").write_text("{}")
         return self._log("evaluate", checkpoint=checkpoint)
 
+    def external_stage(self, run, name, source, label_file, images, cohort=None, cohorts=None, checkpoint=None, drop_overlap=False):
+        (run.external(name) / "eval").mkdir(parents=True, exist_ok=True)
+        (run.external(name) / "eval" / "metrics.json").write_text("{}")
+        return self._log("external", set=name, checkpoint=checkpoint, drop_overlap=drop_overlap)
+
     def explain_stage(self, run, checkpoint=None):
         (run.root / "explain").mkdir(exist_ok=True)
         (run.root / "explain" / "gallery.png").write_bytes(b"x")
@@ -203,6 +208,7 @@ def fake(monkeypatch, tmp_path):
         "data": {"source": "manifest", "csv": "labels.csv", "images": "."},
         "train": {"backbone": "resnet18", "weights": "none"},
         "tune": {"enabled": True, "base": {"workers": 1}},
+        "external": [{"name": "site-b", "source": "manifest", "csv": "labels.csv", "images": "."}],
     })
     return fakes
 
@@ -224,10 +230,11 @@ def test_a_second_run_skips_everything_and_force_reruns_everything(fake, tmp_pat
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "evaluate", "explain", "report"]),
-    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "evaluate", "explain", "report"]),
-    ("train.lr=0.001", ["train", "tune", "evaluate", "explain", "report"]),  # the trials start from train's settings
-    ("tune.num_samples=2", ["tune", "evaluate", "explain", "report"]),
+    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report"]),
+    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report"]),
+    ("train.lr=0.001", ["train", "tune", "evaluate", "external", "explain", "report"]),  # the trials start from train's settings
+    ("tune.num_samples=2", ["tune", "evaluate", "external", "explain", "report"]),
+    ("external=[{name: site-b, source: manifest, csv: labels.csv, images: ., drop_overlap: true}]", ["external", "report"]),
     ("eda.sample_size=8", ["eda", "report"]),
     ("report.enabled=false", []),
 ])
@@ -264,7 +271,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(fake, tmp_path, monkeypatch
     assert [n for n, _ in fake.calls] == ["ingest", "validate", "split", "preprocess", "eda", "train"]
     stamp = json.loads((Path(config.run.dir) / ".stages" / "tune.json").read_text())
     assert stamp["status"] == "started"
-    assert ran(fake, config) == ["tune", "evaluate", "explain", "report"]
+    assert ran(fake, config) == ["tune", "evaluate", "external", "explain", "report"]
     assert fake.calls[0][1] == {"resume": True, "workers": 1}  # Tune restores its own search; trials use tune.base
 
 
@@ -273,6 +280,7 @@ def test_evaluate_takes_the_checkpoint_this_run_made(fake, tmp_path):
     ran(fake, config)
     root = Path(config.run.dir)
     assert dict(fake.calls)["evaluate"]["checkpoint"] == root / "tune" / "best"
+    assert dict(fake.calls)["external"] == {"set": "site-b", "checkpoint": root / "tune" / "best", "drop_overlap": False}
     config = load_config(tmp_path / "c.yaml", ["tune.enabled=false", "explain.checkpoint=/models/mine"])
     ran(fake, config, force=True)
     assert dict(fake.calls)["evaluate"]["checkpoint"] == root / "train" / "best"
