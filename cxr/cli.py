@@ -23,6 +23,16 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run directory every stage reads from and writes to")
 
 
+def _collection_args(p: argparse.ArgumentParser) -> None:
+    """A collection to ingest (``cxr ingest`` and ``cxr external`` read one the same way)."""
+    p.add_argument("--source", required=True, choices=["nih", "chexpert", "manifest"], help="the label file's format")
+    p.add_argument("--csv", required=True, type=Path, help="the label file (NIH Data_Entry_2017*.csv[.gz], CheXpert train.csv, or a manifest .csv/.parquet)")
+    p.add_argument("--images", required=True, type=Path, help="the image root; label-file paths are relative to it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cohort", default=None, metavar="NAME", help="the cohort (collection, site) of every image: the manifest's cohort column")
+    group.add_argument("--cohorts", default=None, type=Path, metavar="CSV", help="a CSV of image id, cohort (NIH's 'Image Index' header accepted): each image's cohort")
+
+
 def _warn_only(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warn-only", action="store_true", help="report table-level validation failures but continue (default: stop with exit code 1)")
 
@@ -91,12 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("ingest", help="read a collection's label file into manifest.parquet + quarantine.parquet", formatter_class=fmt)
     _run_arg(p)
-    p.add_argument("--source", required=True, choices=["nih", "chexpert", "manifest"], help="the label file's format")
-    p.add_argument("--csv", required=True, type=Path, help="the label file (NIH Data_Entry_2017*.csv[.gz], CheXpert train.csv, or a manifest .csv/.parquet)")
-    p.add_argument("--images", required=True, type=Path, help="the image root; label-file paths are relative to it")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--cohort", default=None, metavar="NAME", help="the cohort (collection, site) of every image: the manifest's cohort column")
-    group.add_argument("--cohorts", default=None, type=Path, metavar="CSV", help="a CSV of image id, cohort (NIH's 'Image Index' header accepted): each image's cohort")
+    _collection_args(p)
     _warn_only(p)
     _max_reject_frac(p)
 
@@ -153,12 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("external", help="external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME", formatter_class=fmt)
     _run_arg(p)
     p.add_argument("--name", required=True, help="the external set's name: its folder under <run>/external/")
-    p.add_argument("--source", required=True, choices=["nih", "chexpert", "manifest"], help="the label file's format")
-    p.add_argument("--csv", required=True, type=Path, help="the external collection's label file")
-    p.add_argument("--images", required=True, type=Path, help="the external collection's image root")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--cohort", default=None, metavar="NAME", help="the cohort of every external image")
-    group.add_argument("--cohorts", default=None, type=Path, metavar="CSV", help="a CSV of image id, cohort: each external image's cohort")
+    _collection_args(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: <run>/tune/best, else <run>/train/best)")
     p.add_argument("--drop-overlap", action="store_true", help="quarantine images whose patient or image id is in the run's train/val split (default: refuse the set)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
