@@ -73,3 +73,8 @@ class RunDir:
         """An external validation set's own run-shaped folder (manifest, quarantine, validation,
         shards, eval), scored by this run's model: ``RunDir(run.external(name))``."""
         return self.root / "external" / name
+
+    @property
+    def cv(self) -> Path:
+        """Patient-grouped cross-validation (``cxr cv``): out-of-fold predictions, metrics, per-fold runs."""
+        return self.root / "cv"
