@@ -300,6 +300,8 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
     lines = [
         f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.freeze}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
         f"{len(result.metrics_history)} epoch(s) on {cfg.workers} worker(s)",
+        *([f"  stopped early after epoch {trained}: validation mean AUROC had not improved for {cfg.patience} epoch(s) (--patience {cfg.patience})"]
+          if cfg.patience and (trained := len(result.metrics_history)) < cfg.epochs else []),
         f"  best epoch {int(best.get('epoch', 0))}: validation mean AUROC {best.get('val_mean_auroc', float('nan')):.3f}, val_loss {best.get('val_loss', float('nan')):.4f}",
         "  per-finding validation AUROC (nan = undefined: one class only in validation):",
         *_auroc_lines(best),

@@ -60,6 +60,7 @@ class TrainConfig:
     uncertain: str = option("zeros", "-1 labels: U-Zeros, U-Ones, or ignored in loss and AUROC", choices=UNCERTAIN_CHOICES)
 
     epochs: int = option(10, "epochs (the maximum per trial under tune)")
+    patience: int | None = option(None, "stop early when validation mean AUROC has not improved for N epochs (unset: train every epoch)", metavar="N")
     batch_size: int = option(32, "images per worker per step")
     lr: float = option(3e-4, "AdamW learning rate (cosine schedule)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -102,6 +103,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1):
+            raise UserInputError(f"patience must be an integer >= 1 (or unset: no early stopping), got {self.patience!r}")
         if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < -1:
             raise UserInputError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
         for name in ("lr", "cpus_per_worker"):
