@@ -294,7 +294,8 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
     from trainers import fit  # noqa: PLC0415
 
     stats = current_shards(run)
-    result = fit(run.root, cfg)
+    print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
+    result = fit(run.root, cfg, echo=lambda line: print(f"  {line}", flush=True))
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [

@@ -78,3 +78,12 @@ def test_patience_stops_training_when_validation_auroc_stops_improving(ray_local
     result = fit(run, TrainConfig(epochs=3, patience=1, **TINY))
     assert list(result.metrics_history["epoch"]) == [1]
     assert (run / "train" / "best" / "model.pt").exists()
+
+
+def test_training_prints_one_line_per_epoch_as_it_ends(ray_local, tmp_path):
+    run = write_run(tmp_path / "run", n_train=32, n_val=16, image_size=32)
+    lines: list[str] = []
+    fit(run, TrainConfig(epochs=3, **TINY), echo=lines.append)
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]  # one per epoch, nothing per batch
+    assert all("train loss" in line and "val mean AUROC" in line and "img/s" in line and "elapsed" in line for line in lines)
+    assert "(best)" in lines[0] and "left ~" in lines[0] and "left ~" not in lines[-1]

@@ -325,3 +325,13 @@ def test_patience_must_be_a_positive_integer():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(UserInputError, match="patience must be an integer >= 1"):
             TrainConfig(patience=bad)
+
+
+def test_an_epoch_line_marks_a_new_best_and_estimates_the_time_left():
+    from trainers.progress import epoch_line
+
+    m = {"epoch": 2, "train_loss": 0.25, "val_loss": 0.3, "val_mean_auroc": 0.71, "train_images_per_s": 140.2}
+    line = epoch_line(m, epochs=10, best_before=0.70, elapsed=60.0, trained_here=2)
+    assert line == "epoch 2/10  train loss 0.2500  val loss 0.3000  val mean AUROC 0.710 (best)  140 img/s  elapsed 1m00s  left ~4m00s"
+    assert "(best)" not in epoch_line(m, epochs=10, best_before=0.72, elapsed=60.0, trained_here=2)
+    assert "left" not in epoch_line({**m, "epoch": 10}, epochs=10, best_before=0.7, elapsed=60.0, trained_here=10)
