@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from cxr.settings import RAY_STAGES
+from trainers.config import STRATEGY_AXES
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 
 # The verbs: which settings sections each one's options come from, whether it takes --run and starts
 # Ray (--address), and the stage it runs. Options, defaults and help live on the sections
 # (cxr/settings.py, trainers/config.py); this table only says which verb shows which.
-STRATEGY_AXES = ("sampling", "loss", "freeze", "lr")  # searched by cxr tune, so not its options
 
 
 @dataclass(frozen=True)

@@ -335,3 +335,12 @@ def test_an_epoch_line_marks_a_new_best_and_estimates_the_time_left():
     assert line == "epoch 2/10  train loss 0.2500  val loss 0.3000  val mean AUROC 0.710 (best)  140 img/s  elapsed 1m00s  left ~4m00s"
     assert "(best)" not in epoch_line(m, epochs=10, best_before=0.72, elapsed=60.0, trained_here=2)
     assert "left" not in epoch_line({**m, "epoch": 10}, epochs=10, best_before=0.7, elapsed=60.0, trained_here=10)
+
+
+def test_a_trial_line_shows_the_strategy_its_score_and_whether_asha_stopped_it():
+    from tuning.progress import trial_line
+
+    config = {"sampling": "over", "loss": "bce", "freeze": "none", "lr": 3.2e-4, "base": {}}
+    line = trial_line(3, 12, config, 0.7123, 2, 4, 80.0)
+    assert line == "trial 3/12  sampling=over  loss=bce  freeze=none  lr=3.2e-04  best val mean AUROC 0.712  2/4 epochs (stopped early)  1m20s"
+    assert "failed: boom" in trial_line(1, 2, config, float("nan"), 0, 4, 5.0, error="boom")

@@ -23,6 +23,8 @@ UNCERTAIN_CHOICES = ("zeros", "ones", "ignore")
 INGEST_CHOICES = ("ray_data", "memory")
 PLACEMENT_CHOICES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 WEIGHTS_KEYWORDS = ("imagenet", "none")
+# The strategies `cxr tune` searches by default (so not options of its own): resampling, loss, freezing, lr.
+STRATEGY_AXES = ("sampling", "loss", "freeze", "lr")
 
 
 def _choose(name: str, value: Any, choices: tuple) -> None:

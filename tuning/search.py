@@ -18,6 +18,7 @@ from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 from trainers import TrainConfig
 from trainers.publish import publish_best
+from tuning.progress import TrialLines, trial_count
 from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
 from tuning.trial import run_trial
 
@@ -109,7 +110,7 @@ def run_search(
             ),
             # Tune's live status tables help at a terminal and flood a CI or job log: the result
             # table at the end says it all there.
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0), verbose=1 if sys.stdout.isatty() else 0),
+            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0), verbose=1 if sys.stdout.isatty() else 0, callbacks=[TrialLines(trial_count(space, num_samples), base.epochs)]),
         )
     if asha and not state_api_reachable():
         warnings.warn(

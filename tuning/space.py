@@ -25,7 +25,6 @@ DISTRIBUTIONS = {
     "loguniform": lambda bounds: tune.loguniform(*bounds),
     "uniform": lambda bounds: tune.uniform(*bounds),
 }
-STRATEGY_AXES = ("sampling", "loss", "freeze", "lr")
 
 
 def default_space(lr: tuple[float, float] = (1e-4, 3e-3), sampling=SAMPLING_CHOICES, loss=("bce", "weighted"), freeze=FREEZE_CHOICES) -> dict[str, Any]:
