@@ -299,7 +299,7 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
-        f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.freeze}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
+        f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.effective_freeze}{' (auto)' if cfg.freeze == 'auto' else ''}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
         f"{len(result.metrics_history)} epoch(s) on {cfg.workers} worker(s)",
         *([f"  stopped early after epoch {trained}: validation mean AUROC had not improved for {cfg.patience} epoch(s) (--patience {cfg.patience})"]
           if cfg.patience and (trained := len(result.metrics_history)) < cfg.epochs else []),

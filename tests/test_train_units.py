@@ -344,3 +344,11 @@ def test_a_trial_line_shows_the_strategy_its_score_and_whether_asha_stopped_it()
     line = trial_line(3, 12, config, 0.7123, 2, 4, 80.0)
     assert line == "trial 3/12  sampling=over  loss=bce  freeze=none  lr=3.2e-04  best val mean AUROC 0.712  2/4 epochs (stopped early)  1m20s"
     assert "failed: boom" in trial_line(1, 2, config, float("nan"), 0, 4, 5.0, error="boom")
+
+
+def test_freeze_auto_fine_tunes_random_weights_and_keeps_pretrained_features():
+    assert TrainConfig().freeze == "auto"
+    assert TrainConfig(weights="none").effective_freeze == "none"
+    assert TrainConfig(weights="imagenet").effective_freeze == "partial"
+    assert TrainConfig(weights="/models/chest.pt").effective_freeze == "partial"
+    assert TrainConfig(weights="none", freeze="backbone").effective_freeze == "backbone"  # an explicit choice stands

@@ -16,7 +16,8 @@ from pipelines.errors import UserInputError
 from pipelines.options import option
 
 BACKBONE_CHOICES = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
-FREEZE_CHOICES = ("none", "partial", "backbone")
+FREEZE_CHOICES = ("auto", "none", "partial", "backbone")
+SEARCHED_FREEZES = FREEZE_CHOICES[1:]  # what `auto` resolves to, and what a search compares
 LOSS_CHOICES = ("auto", "bce", "weighted")
 SAMPLING_CHOICES = ("none", "over", "under")
 UNCERTAIN_CHOICES = ("zeros", "ones", "ignore")
@@ -54,7 +55,8 @@ class TrainConfig:
 
     backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONE_CHOICES)
     weights: str = option("imagenet", "'imagenet' (torchvision's, from the local cache offline), 'none', or the path of a local state_dict")
-    freeze: str = option("partial", "none: fine-tune all; partial: last block + head; backbone: head only", choices=FREEZE_CHOICES)
+    freeze: str = option("auto", "none: fine-tune all; partial: last block + head; backbone: head only; auto: partial from pretrained "
+                                 "weights, none from random ones (frozen random features learn nothing)", choices=FREEZE_CHOICES)
     loss: str = option("auto", "weighted BCE (per-finding, from the train split), plain bce, or auto (weighted unless resampling)", choices=LOSS_CHOICES)
     sampling: str = option("none", "over: repeat images with rare findings; under: drop all-negative images; per epoch", choices=SAMPLING_CHOICES)
     over_max_repeat: float = option(4.0, "with --sampling over: the most times one image is repeated per epoch")
@@ -130,6 +132,14 @@ class TrainConfig:
         if self.loss != "auto":
             return self.loss
         return "weighted" if self.sampling == "none" else "bce"
+
+    @property
+    def effective_freeze(self) -> str:
+        """The freeze actually applied: 'auto' fine-tunes everything from random weights and trains the
+        last block and the head on top of pretrained ones."""
+        if self.freeze != "auto":
+            return self.freeze
+        return "none" if self.weights == "none" else "partial"
 
     @property
     def use_gpu(self) -> bool:

@@ -171,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch = int(state["epoch"])
     elif config.get("init_weights") is not None:
         load_initial_weights(model, cfg.backbone, ray.get(config["init_weights"]))
-    apply_freeze(model, cfg.backbone, cfg.freeze)
+    apply_freeze(model, cfg.backbone, cfg.effective_freeze)
     if amp:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                summary = {**config["cfg"], "effective_loss": cfg.effective_loss}
+                summary = {**config["cfg"], "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze}
                 info = model_info(summary, config["image_size"], *norm, epoch + 1, metrics)
                 train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "seed": cfg.seed}

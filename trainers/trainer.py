@@ -64,8 +64,8 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
     run = RunDir(run_dir)
     stats = read_stats(run.stats)
     image_size = int(stats["image_size"])
-    if cfg.weights == "none" and cfg.freeze != "none":
-        logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.freeze)
+    if cfg.weights == "none" and cfg.effective_freeze != "none":
+        logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.effective_freeze)
 
     init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
     labels = train_label_matrix(run.shards, cfg.uncertain)
@@ -137,7 +137,7 @@ def write_outputs(result, run_dir: Path, cfg: TrainConfig) -> TrainResult:
         history = pd.DataFrame(read_history(directory))
     history.to_csv(out / "history.csv", index=False)
     (out / "config.json").write_text(json.dumps(
-        {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "ray_path": result.path}, indent=2))
+        {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze, "ray_path": result.path}, indent=2))
     return TrainResult(best_dir, history, dict(best_metrics), result.path)
 
 

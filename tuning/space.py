@@ -11,13 +11,13 @@ YAML form (any TrainConfig field may be searched; plain values are fixed)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from ray import tune
 
 from pipelines.errors import UserInputError
-from trainers.config import FREEZE_CHOICES, SAMPLING_CHOICES, TrainConfig
+from trainers.config import TrainConfig
 
 DISTRIBUTIONS = {
     "grid": tune.grid_search,
@@ -27,8 +27,9 @@ DISTRIBUTIONS = {
 }
 
 
-def default_space(lr: tuple[float, float] = (1e-4, 3e-3), sampling=SAMPLING_CHOICES, loss=("bce", "weighted"), freeze=FREEZE_CHOICES) -> dict[str, Any]:
-    """Grid over the categorical axes; the learning rate is drawn log-uniformly per sample."""
+def default_space(*, lr: tuple[float, float], sampling: Sequence[str], loss: Sequence[str], freeze: Sequence[str]) -> dict[str, Any]:
+    """Grid over the categorical axes; the learning rate is drawn log-uniformly per sample. The
+    default axes are ``TuneSection``'s (cxr/settings.py): the space is defined there, once."""
     return {
         "sampling": tune.grid_search(list(sampling)),
         "loss": tune.grid_search(list(loss)),
