@@ -20,17 +20,26 @@ STAGING_MARK = ".staging-"
 RETIRED_MARK = ".retired-"
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and one rename."""
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write the new file to (any writer: ``to_parquet``,
+    ``copyfile``, ...); when the block ends normally it replaces ``path`` by one rename, when it
+    raises the temporary file is removed and ``path`` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and one rename."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: Path, value: Any) -> Path:
