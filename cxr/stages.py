@@ -13,7 +13,7 @@ from pipelines.errors import UserInputError
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
 from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
-from pipelines.rundir import RunDir
+from pipelines.rundir import INFO_FILE, RunDir
 
 
 def _source_info(run: RunDir) -> dict:
@@ -273,7 +273,7 @@ def train_stage(run: RunDir, cfg) -> str:
     from trainers import fit  # noqa: PLC0415
 
     stats = current_shards(run)
-    result = fit(run.root, cfg)
+    result = fit(run, cfg)
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
@@ -282,7 +282,7 @@ def train_stage(run: RunDir, cfg) -> str:
         f"  best epoch {int(best.get('epoch', 0))}: validation mean AUROC {best.get('val_mean_auroc', float('nan')):.3f}, val_loss {best.get('val_loss', float('nan')):.4f}",
         "  per-finding validation AUROC (nan = undefined: one class only in validation):",
         *_auroc_lines(best),
-        f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train / 'history.csv'}",
+        f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train_history}",
     ]
     return "\n".join(lines)
 
@@ -293,7 +293,7 @@ def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, res
     from tuning import run_search  # noqa: PLC0415
 
     stats = current_shards(run)
-    result = run_search(run.root, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
+    result = run_search(run, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
     shown = result.table.drop(columns=[c for c in hidden if c in result.table])
@@ -321,7 +321,7 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
     from evaluation import evaluate_run  # noqa: PLC0415
 
     _check_inputs(run, checkpoint)
-    result = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=robustness, subgroups=subgroups)
+    result = evaluate_run(run, checkpoint, n_boot=n_boot, robustness=robustness, subgroups=subgroups)
     m = result.metrics
     mean = m["mean"]
     lines = [
@@ -347,12 +347,11 @@ def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 10
 def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
     """Evaluate and explain read the shards and the run's own checkpoint: both must be current.
     Returns the shards' ``stats.json``."""
-    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.lineage import check_model_lineage  # noqa: PLC0415
 
     stats = current_shards(run)
     if checkpoint is None:
-        check_model_lineage(run, resolve_checkpoint(run.root), stats)
+        check_model_lineage(run, run.best_checkpoint(), stats)
     return stats
 
 
@@ -366,13 +365,12 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
     succeeded: a refused or failed run leaves the previous ``external/NAME/``, or none."""
     from evaluation import evaluate_run  # noqa: PLC0415
     from evaluation.external import below_internal  # noqa: PLC0415
-    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
     from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
 
     check_name(name)
     stats = _check_inputs(run, checkpoint)
-    size = _model_image_size(resolve_checkpoint(run.root, checkpoint), stats, run)
+    size = _model_image_size(run.best_checkpoint(checkpoint), stats, run)
     splits = splits_of(run)
     target = run.external(name)
     with staged_dir(target) as staging:
@@ -398,11 +396,11 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
         if result.written["test"] == 0:
             raise UserInputError(f"external set {name!r}: none of its {len(manifest)} images could be decoded "
                                  f"({_reason_counts(decoded_out)}); nothing was written")
-        evaluation = evaluate_run(run.root, checkpoint, n_boot=n_boot, robustness=False, subgroups=subgroups, data=ext)
+        evaluation = evaluate_run(run, checkpoint, n_boot=n_boot, robustness=False, subgroups=subgroups, data=ext)
         summary_json = ext.validation / "summary.json"  # names its Data Docs pages by absolute path: the final one
         write_text(summary_json, summary_json.read_text().replace(str(ext.root), str(target)))
     m = evaluation.metrics
-    internal = json.loads((run.eval / "metrics.json").read_text()) if (run.eval / "metrics.json").exists() else None
+    internal = json.loads(run.eval_metrics.read_text()) if run.eval_metrics.exists() else None
     quarantined = info["rows_in"] - result.written["test"]
     lines = [
         f"external {name}: {info['rows_in']} rows in = {result.written['test']} scored + {quarantined} quarantined "
@@ -428,7 +426,7 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
 
 def _model_image_size(checkpoint: Path, stats: dict, run: RunDir) -> int:
     """The image size external images are preprocessed at: the run's, which the model must share."""
-    info = json.loads((Path(checkpoint) / "model.json").read_text())
+    info = json.loads((Path(checkpoint) / INFO_FILE).read_text())
     if int(info["image_size"]) != int(stats["image_size"]):
         raise UserInputError(f"{checkpoint}/model.json expects {info['image_size']}x{info['image_size']} images but {run.stats} "
                              f"says the run's shards are {stats['image_size']}x{stats['image_size']}: pass a checkpoint trained on this run")
@@ -462,7 +460,7 @@ def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int =
     from evaluation import explain_run  # noqa: PLC0415
 
     _check_inputs(run, checkpoint)
-    result = explain_run(run.root, checkpoint, max_images=max_images)
+    result = explain_run(run, checkpoint, max_images=max_images)
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
 
 
@@ -472,7 +470,7 @@ def report_stage(run: RunDir) -> str:
     from evaluation import write_report  # noqa: PLC0415
     from validation.report import SUMMARY_FILE, overall_line  # noqa: PLC0415
 
-    lines = [f"report: {write_report(run.root)}"]
+    lines = [f"report: {write_report(run)}"]
     summary = json.loads((run.validation / SUMMARY_FILE).read_text()) if (run.validation / SUMMARY_FILE).exists() else {}
     if summary.get("suites"):
         lines.append(overall_line(summary))

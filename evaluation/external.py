@@ -7,20 +7,21 @@ one does clearly worse.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pipelines.rundir import RunDir
 
 
-def external_metrics(run_dir: Path) -> dict[str, dict]:
+def external_metrics(run: RunDir) -> dict[str, dict]:
     """Every scored external set of the run, by name (sets without ``eval/metrics.json`` are left out)."""
-    folder = RunDir(run_dir).root / "external"
-    if not folder.is_dir():
+    if not run.externals.is_dir():
         return {}
     found = {}
-    for path in sorted(folder.glob("*/eval/metrics.json")):
+    for folder in sorted(p for p in run.externals.iterdir() if p.is_dir() and not p.name.startswith(".")):  # not a staging folder
+        path = RunDir(folder).eval_metrics
+        if not path.is_file():
+            continue
         try:
-            found[path.parent.parent.name] = json.loads(path.read_text())
+            found[folder.name] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # unreadable: the report shows what it can
     return found

@@ -20,11 +20,11 @@ import pandas as pd
 
 from evaluation.external import below_internal, external_metrics
 from pipelines.labels import FINDINGS
+from pipelines.atomic import write_text
 from pipelines.rundir import RunDir
 from validation.report import overall, suite_status
 from validation.results import FAILED, PASSED, WARNINGS, status_words
 
-REPORT_FILE = "report.html"
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 CSS = """
@@ -248,7 +248,7 @@ def _training_section(run: RunDir, figures_dir: Path) -> str | None:
     from evaluation import figures  # noqa: PLC0415 - matplotlib only when there is something to draw
 
     parts = []
-    history_path = run.train / "history.csv"
+    history_path = run.train_history
     if history_path.exists():
         history = pd.read_csv(history_path)
         if len(history) and "epoch" in history:
@@ -448,8 +448,8 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
 
 
 def _explain_section(run: RunDir) -> str | None:
-    out = run.root / "explain"
-    pointing, gallery_csv = _read_json(out / "pointing.json"), out / "gallery.csv"
+    out = run.explain
+    pointing, gallery_csv = _read_json(run.explain_pointing), out / "gallery.csv"
     if not pointing and not gallery_csv.exists():
         return None
     body = ""
@@ -515,7 +515,7 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
                       f"{len(mean['findings'])} findings"))
         cards.append(("test set", f"{metrics['n_images']:,}", f"images of {metrics['n_patients']:,} patients"))
         cards.append(("model", _e(metrics.get("backbone") or "?"), f"{metrics.get('image_size')}×{metrics.get('image_size')} pixels"))
-    pointing = _read_json(run.root / "explain" / "pointing.json")
+    pointing = _read_json(run.explain_pointing)
     if pointing:
         cards.append(("pointing game", _pct(pointing["hit_rate"]), f"random point: {_pct(pointing['baseline'])}"))
     summary = _read_json(run.validation / "summary.json")
@@ -543,15 +543,14 @@ NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "tra
               "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "explanations": "Grad-CAM"}
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run: RunDir) -> Path:
     """Write ``<run>/report.html`` from whatever stages the run has completed; returns its path."""
-    run = RunDir(run_dir)
     if not run.root.is_dir():
         raise FileNotFoundError(f"run directory {run.root} does not exist")
-    metrics = _read_json(run.eval / "metrics.json")
+    metrics = _read_json(run.eval_metrics)
     with tempfile.TemporaryDirectory() as scratch:  # the training figure lives only inside the page
         training = _training_section(run, Path(scratch))
-    externals = external_metrics(run.root)
+    externals = external_metrics(run)
     flags = [w for name, m in externals.items() if (w := below_internal(name, m, metrics))]
     sections = [_glance(metrics, run, flags), _data_section(run), _splits_section(run), training]
     if metrics:
@@ -577,8 +576,4 @@ def write_report(run_dir: Path) -> Path:
 <footer>Research software: these figures describe a model on this data set and are not a clinical validation.</footer>
 </body></html>
 """
-    path = run.root / REPORT_FILE
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(run.report, page)

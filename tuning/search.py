@@ -64,7 +64,7 @@ def state_api_reachable() -> bool:
 
 
 def run_search(
-    run_dir: Path,
+    run: RunDir,
     base: TrainConfig,
     space: dict[str, Any],
     num_samples: int = 1,
@@ -75,7 +75,6 @@ def run_search(
     max_concurrent: int | None = None,
 ) -> SearchResult:
     """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster."""
-    run = RunDir(run_dir)
     out = run.tune
     storage = (out / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,7 @@ def run_search(
     table = results_table(grid, base.epochs)
     csv, markdown = write_tables(table, out)
     curves = plot_curves(grid, out / "curves.png")
-    best_dir = _copy_best(grid, out / "best")
+    best_dir = _copy_best(grid, run.tune_best)
     return SearchResult(table, best_dir, csv, markdown, curves, int(table["epochs"].sum()) if len(table) else 0)
 
 
