@@ -238,7 +238,7 @@ def dispatch(args: argparse.Namespace) -> str:
         return format_predictions(frame) + (f"\nwrote {args.csv}" if args.csv else "")
     if args.verb == "explain" and args.images:
         from evaluation import explain  # noqa: PLC0415
-        from pipelines.phantoms import read_boxes  # noqa: PLC0415
+        from pipelines.sources.nih import read_boxes  # noqa: PLC0415
 
         if not args.checkpoint or not args.out:
             raise UserInputError("explain --images needs --checkpoint and --out")

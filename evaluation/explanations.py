@@ -22,9 +22,9 @@ from evaluation.predict import decode_all, decode_images
 from pipelines.atomic import staged_dir
 from pipelines.imaging import decode_file
 from pipelines.rundir import RunDir
+from pipelines.sources.nih import BOX_FILES, read_boxes
 
 DEFAULT_THRESHOLD = 0.5  # only where no threshold was chosen on validation
-BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 CATEGORIES = {"TP": "true positive", "FP": "false positive", "FN": "false negative"}
 
 
@@ -182,7 +182,6 @@ def explain_run(run: RunDir, checkpoint: Path | None = None, max_images: int = 2
     shows what the model predicts). Needs ``cxr evaluate`` first."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
     from evaluation.gradcam import HeatmapMaker  # noqa: PLC0415
-    from pipelines.phantoms import read_boxes  # noqa: PLC0415
 
     metrics_path = run.eval_metrics
     if not metrics_path.is_file():

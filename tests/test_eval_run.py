@@ -15,8 +15,8 @@ from evaluation.operating_points import choose_threshold
 from evaluation.pointing import NIH_BOX_FRAME
 from pipelines.imaging import DecodeError
 from pipelines.labels import FINDINGS
-from pipelines.phantoms import read_boxes
 from pipelines.rundir import RunDir
+from pipelines.sources.nih import read_boxes
 from tests.conftest import NIH_CSV, NIH_IMAGES
 from tests.test_eval_fixtures import evaluated_run, phantom_run  # noqa: F401 - session fixtures
 
