@@ -10,6 +10,7 @@ import pandas as pd
 from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
 from pipelines.errors import UserInputError
+from pipelines.formatting import TERMINAL_MISSING, number, signed
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
 from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
@@ -448,11 +449,11 @@ def _reason_counts(quarantine: pd.DataFrame) -> str:
 
 
 def _signed(value) -> str:
-    return "  -  " if value is None or value != value else f"{value:+.3f}"
+    return signed(value, 3, missing=TERMINAL_MISSING)
 
 
 def _fmt(value) -> str:
-    return "  -  " if value is None or value != value else f"{value:.3f}"
+    return number(value, 3, missing=TERMINAL_MISSING)
 
 
 def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int = 24) -> str:

@@ -24,6 +24,7 @@ from evaluation.baselines import WORDS, Baseline, compare, fit_baselines, split_
 from evaluation.subgroups import MEAN, below_overall, not_beating_baselines, subgroup_columns, subgroup_table, subgroups_json
 from pipelines.atomic import staged_dir, write_json
 from pipelines.errors import UserInputError
+from pipelines.formatting import interval, number
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
@@ -52,20 +53,16 @@ class EvalResult:
             if f["auroc"] is None:
                 lines.append(f"  {name:<19}{'undefined':>9}  ({f['note']})")
                 continue
-            lines.append(f"  {name:<19}{f['auroc']:>7.3f}  {_ci(f):<13}{_num(f['ap']):>6}{_num(f['prevalence']):>7}"
-                         f"{_num(f['sensitivity']):>7}{_num(f['specificity']):>7}")
+            lines.append(f"  {name:<19}{f['auroc']:>7.3f}  {_ci(f):<13}{number(f['ap'], missing='-'):>6}{number(f['prevalence'], missing='-'):>7}"
+                         f"{number(f['sensitivity'], missing='-'):>7}{number(f['specificity'], missing='-'):>7}")
         mean = m["mean"]
-        lines.append(f"  {'mean':<19}{_num(mean['auroc'], 3):>7}  {_ci(mean)} over {len(mean['findings'])} findings")
+        lines.append(f"  {'mean':<19}{number(mean['auroc'], 3, missing='-'):>7}  {_ci(mean)} over {len(mean['findings'])} findings")
         lines.append(f"wrote {self.out_dir}")
         return "\n".join(lines)
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _ci(figure: dict) -> str:
-    return "-" if figure.get("ci_low") is None else f"{figure['ci_low']:.3f}-{figure['ci_high']:.3f}"
+    return interval(figure.get("ci_low"), figure.get("ci_high"), 3, missing="-", sep="-")
 
 
 def _undefined_note(n_pos: int, n_neg: int) -> str | None:

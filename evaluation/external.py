@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from pipelines.formatting import estimate, number
 from pipelines.rundir import RunDir
 
 
@@ -35,5 +36,5 @@ def below_internal(name: str, external: dict, internal: dict | None) -> str | No
     if point is None or high is None or ext.get("auroc") is None or high >= point:
         return None
     return (f"On external set {name} ({external['n_images']} images, {external['n_patients']} patients) "
-            f"the model's mean AUROC is {ext['auroc']:.2f} [{ext['ci_low']:.2f}-{high:.2f}], well below "
-            f"{point:.2f} on the internal test split: it does not carry over to this collection as measured")
+            f"the model's mean AUROC is {estimate(ext['auroc'], ext['ci_low'], high)}, well below "
+            f"{number(point)} on the internal test split: it does not carry over to this collection as measured")

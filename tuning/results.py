@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.formatting import number
 from pipelines.labels import FINDINGS
 
 METRIC = "val_mean_auroc"
@@ -25,7 +26,7 @@ def weakest_findings(row: pd.Series, n: int = 3) -> str:
     """The ``n`` findings with the lowest validation AUROC at the trial's best epoch."""
     values = {f: row.get(AUROC_PREFIX + f) for f in FINDINGS}
     defined = sorted(((v, f) for f, v in values.items() if v is not None and not math.isnan(v)))
-    return ", ".join(f"{f} {v:.2f}" for v, f in defined[:n])
+    return ", ".join(f"{f} {number(v)}" for v, f in defined[:n])
 
 
 def results_table(grid, max_epochs: int) -> pd.DataFrame:
