@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS, UnknownLabelError, parse_nih_labels
-from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, parse_study, read_label_file, rows_frame, value_reject
+from pipelines.sources.base import ParsedSource, Reject, first_reject, manifest_row, normalize_sex, parse_age, parse_study, read_label_file, rows_frame
 
 BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")  # beside the label file, as NIH ships them
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
@@ -41,26 +41,13 @@ def parse_nih(csv_path: Path) -> ParsedSource:
             continue
         age, age_problem = parse_age(rec["Patient Age"])
         study, study_problem = parse_study(rec["Follow-up #"])
-        if age_problem or study_problem:
-            column, problem = ("Patient Age", age_problem) if age_problem else ("Follow-up #", study_problem)
-            rejects.append(value_reject(number, column, problem, rec, image_id, path=image_id))
+        if reject := first_reject(number, rec, image_id, image_id, ("Patient Age", age_problem), ("Follow-up #", study_problem)):
+            rejects.append(reject)
             continue
         patient = normalize("patient_id", rec["Patient ID"])
-        out.append(
-            {
-                "row": number,
-                "image_id": image_id,
-                "path": image_id,
-                "patient_id": None if patient is None else nih_patient_id(patient),
-                "study": study,
-                "age": age,
-                "sex": normalize_sex(rec["Patient Gender"]),
-                "view": rec["View Position"].strip().upper() or "UNKNOWN",
-                **labels,
-                "source": "nih",
-                "record": rec,
-            }
-        )
+        out.append(manifest_row(number, rec, image_id, image_id, patient_id=None if patient is None else nih_patient_id(patient), study=study,
+                                age=age, sex=normalize_sex(rec["Patient Gender"]), view=rec["View Position"].strip().upper() or "UNKNOWN",
+                                **labels, source="nih"))
     parsed.rows = rows_frame(out)
     return parsed
 
