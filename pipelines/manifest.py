@@ -1,4 +1,4 @@
-"""The manifest and quarantine tables of the data contract (see DESIGN.md), and their I/O."""
+"""The manifest and quarantine tables of the data contract (the README's run-directory table; docs/architecture.md), and their I/O."""
 from __future__ import annotations
 
 import json

@@ -39,7 +39,7 @@ class SearchResult:
 
 def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
     """How many trials fit at once. On a CPU-only cluster one CPU stays free for Ray Data reads
-    (see DESIGN: with every CPU reserved the reads never start); GPUs may be fractional."""
+    (docs/architecture.md, known traps: with every CPU reserved the reads never start); GPUs may be fractional."""
     per_trial_cpu = cfg.workers * cfg.cpus_per_worker + TRIAL_DRIVER_CPU
     cpus = resources.get("CPU", 0.0)
     fits = math.floor((cpus - (0 if cfg.use_gpu else 1)) / per_trial_cpu + 1e-9)
