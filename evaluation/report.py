@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation.external import below_internal, external_metrics
-from pipelines.labels import FINDINGS
 from pipelines.atomic import write_text
 from pipelines.formatting import interval, number, percent, signed
+from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 from validation.report import overall, suite_status
 from validation.results import FAILED, PASSED, WARNINGS, status_words

@@ -31,8 +31,13 @@ def staged_file(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.replace(path)
+    except OSError as err:
+        if err.filename is not None and Path(err.filename) == tmp:  # name the file the user asked for
+            err.filename, err.filename2 = str(path), None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (unlinking a missing file on a read-only file system fails, hiding the first error)
+            tmp.unlink()
 
 
 def write_text(path: Path, text: str) -> Path:
