@@ -3,7 +3,7 @@
 ``RunDir`` is the run-directory contract in code: every file and folder of the README's table
 "The run directory (data contract)" is a path here (``tests/test_rundir.py`` checks that the two
 agree), and stages receive a ``RunDir``, never a path string to re-wrap. Nothing else in the
-project spells these names.
+project spells these names (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -16,10 +16,25 @@ from typing import Iterable
 MODEL_FILE = "model.pt"
 INFO_FILE = "model.json"
 
-# Which model a run's evaluate, explain, external and predict use when none is named: the Tune
-# search's winner before the plain training run's best epoch.
+# Which model a run's evaluate, explain and external use when none is named: the Tune search's
+# winner before the plain training run's best epoch.
 CHECKPOINT_ORDER = ("tune", "train")
 _MAKES = {"tune": "cxr tune", "train": "cxr train"}
+
+
+class At:
+    """A path of the contract, relative to the run directory: ``RunDir.manifest = At("manifest.parquet")``
+    reads as ``run.manifest == run.root / "manifest.parquet"``."""
+
+    def __init__(self, *parts: str, doc: str | None = None) -> None:
+        self.parts = parts
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: "RunDir | None", owner: type) -> "Path | At":
+        return self if run is None else run.root.joinpath(*self.parts)
 
 
 @dataclass(frozen=True)
@@ -34,89 +49,64 @@ class RunDir:
         return self
 
     # ingest, validate
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.parquet"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine.parquet"
-
-    @property
-    def source_json(self) -> Path:
-        """Where ingest records the image root and source, so later stages can find the pixels."""
-        return self.root / "source.json"
-
-    @property
-    def validation(self) -> Path:
-        return self.root / "validation"
+    manifest = At("manifest.parquet")
+    quarantine = At("quarantine.parquet")
+    source_json = At("source.json", doc="Where ingest records the image root and source, so later stages can find the pixels.")
+    validation = At("validation")
 
     # split
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.parquet"
-
-    @property
-    def split_report(self) -> Path:
-        return self.root / "split_report.json"
+    splits = At("splits.parquet")
+    split_report = At("split_report.json")
 
     # preprocess, eda
-    @property
-    def shards(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def stats(self) -> Path:
-        return self.root / "stats.json"
-
-    @property
-    def eda(self) -> Path:
-        return self.root / "eda"
+    shards = At("shards")
+    stats = At("stats.json")
+    eda = At("eda")
 
     # train, tune
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
+    train = At("train")
+    train_best = At("train", "best", doc="The best epoch's checkpoint of ``cxr train`` (model.pt + model.json).")
+    train_history = At("train", "history.csv")
+    train_config = At("train", "config.json", doc="The settings ``cxr train`` ran with (and Ray Train's run path).")
+    tune = At("tune")
+    tune_best = At("tune", "best", doc="The best trial's best epoch of ``cxr tune`` (model.pt + model.json).")
 
-    @property
-    def train_best(self) -> Path:
-        """The best epoch's checkpoint of ``cxr train`` (model.pt + model.json)."""
-        return self.train / "best"
+    # evaluate, explain, report
+    eval = At("eval")
+    eval_predictions = At("eval", "predictions.parquet", doc="The test split's predictions: ids, labels, ``prob_<finding>``.")
+    eval_metrics = At("eval", "metrics.json")
+    explain = At("explain", doc="Grad-CAM gallery and the pointing game (``cxr explain``).")
+    explain_pointing = At("explain", "pointing.json", doc="The pointing game's summary (hit rate against the random-point baseline).")
+    report = At("report.html", doc="The run's one-page HTML report (``cxr report``).")
 
-    @property
-    def train_history(self) -> Path:
-        return self.train / "history.csv"
+    # external validation, cross-validation
+    externals = At("external", doc="The folder of every external validation set (``external(NAME)`` is one of them).")
+    cv = At("cv", doc="Patient-grouped cross-validation (``cxr cv``): out-of-fold predictions, metrics, per-fold runs.")
 
-    @property
-    def train_config(self) -> Path:
-        """The settings ``cxr train`` ran with (and Ray Train's run path)."""
-        return self.train / "config.json"
+    def external(self, name: str) -> Path:
+        """An external validation set's own run-shaped folder (manifest, quarantine, validation,
+        shards, eval), scored by this run's model: ``RunDir(run.external(name))``."""
+        return self.externals / name
 
-    @property
-    def tune(self) -> Path:
-        return self.root / "tune"
-
-    @property
-    def tune_best(self) -> Path:
-        """The best trial's best epoch of ``cxr tune`` (model.pt + model.json)."""
-        return self.tune / "best"
-
+    # the checkpoint later stages use
     def best(self, stage: str) -> Path:
         """The published checkpoint of ``stage`` (``"train"`` or ``"tune"``)."""
         if stage not in _MAKES:
             raise ValueError(f"no best checkpoint for stage {stage!r}: one of {', '.join(_MAKES)}")
-        return getattr(self, stage) / "best"
+        return getattr(self, f"{stage}_best")
 
     def find_best_checkpoint(self, stages: Iterable[str] = CHECKPOINT_ORDER) -> Path | None:
-        """The first of ``stages``' ``best/`` folders (in that order) that holds a checkpoint, or None."""
+        """The first of ``stages``' ``best/`` folders (in that order) that holds a checkpoint, or None
+        (``cxr run`` passes only the stages it ran, then falls back to the verb's own default)."""
         for stage in stages:
             if (self.best(stage) / INFO_FILE).is_file():
                 return self.best(stage)
         return None
 
     def best_checkpoint(self, given: Path | str | None = None, stages: Iterable[str] = CHECKPOINT_ORDER) -> Path:
-        """The checkpoint a run's later stages use: ``given`` if named, else ``tune/best``, else
-        ``train/best`` (only those of ``stages``, in that order); fails naming what makes one."""
+        """The checkpoint a run's later stages use: ``given`` if named (``--checkpoint``), else
+        ``tune/best``, else ``train/best`` (only those of ``stages``, in that order); fails naming
+        the commands that make one."""
         if given is not None:
             return Path(given)
         stages = tuple(stages)
@@ -128,47 +118,7 @@ class RunDir:
                                     f"run {commands} first, or pass --checkpoint PATH")
         return found
 
-    # evaluate, explain, report
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
 
-    @property
-    def eval_predictions(self) -> Path:
-        """The test split's predictions: ids, labels, ``prob_<finding>``."""
-        return self.eval / "predictions.parquet"
-
-    @property
-    def eval_metrics(self) -> Path:
-        return self.eval / "metrics.json"
-
-    @property
-    def explain(self) -> Path:
-        """Grad-CAM gallery and the pointing game (``cxr explain``)."""
-        return self.root / "explain"
-
-    @property
-    def explain_pointing(self) -> Path:
-        """The pointing game's summary (hit rate against the random-point baseline)."""
-        return self.explain / "pointing.json"
-
-    @property
-    def report(self) -> Path:
-        """The run's one-page HTML report (``cxr report``)."""
-        return self.root / "report.html"
-
-    # external validation, cross-validation
-    @property
-    def externals(self) -> Path:
-        """The folder of every external validation set (``external(NAME)`` is one of them)."""
-        return self.root / "external"
-
-    def external(self, name: str) -> Path:
-        """An external validation set's own run-shaped folder (manifest, quarantine, validation,
-        shards, eval), scored by this run's model: ``RunDir(run.external(name))``."""
-        return self.externals / name
-
-    @property
-    def cv(self) -> Path:
-        """Patient-grouped cross-validation (``cxr cv``): out-of-fold predictions, metrics, per-fold runs."""
-        return self.root / "cv"
+def contract_paths() -> list[At]:
+    """Every fixed path of the contract, in the order RunDir declares them."""
+    return [value for value in vars(RunDir).values() if isinstance(value, At)]

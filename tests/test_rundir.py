@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.rundir import INFO_FILE, RunDir
+from pipelines.rundir import INFO_FILE, RunDir, contract_paths
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_TITLE = "## The run directory (data contract)"
@@ -43,7 +43,7 @@ def _contract_path(name: str) -> str:
 def rundir_paths(root: Path) -> dict[str, str]:
     """Every path RunDir names, relative to the run: property name -> path."""
     run = RunDir(root)
-    found = {name: getattr(run, name) for name, attr in vars(RunDir).items() if isinstance(attr, property)}
+    found = {at.name: getattr(run, at.name) for at in contract_paths()}
     found["external(NAME)"] = run.external(NAME)
     return {name: path.relative_to(run.root).as_posix() for name, path in found.items()}
 
@@ -67,9 +67,11 @@ def test_every_rundir_path_is_in_the_readme_table(tmp_path):
     assert not missing, f"RunDir paths the README's run-directory table does not list: {missing}"
 
 
-def test_the_readme_table_is_found():
+def test_the_readme_table_is_found_and_rundir_lists_its_paths(tmp_path):
     rows = readme_rows()
     assert {"manifest.parquet", "eval", "report.html", "external/NAME", "shards"} <= set(rows)
+    assert {"manifest", "train_best", "eval_metrics", "explain", "report", "cv"} <= {at.name for at in contract_paths()}
+    assert RunDir(tmp_path).train_best == RunDir(tmp_path).root / "train" / "best"
 
 
 def _checkpoint(folder: Path) -> Path:
