@@ -15,18 +15,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from urllib.parse import unquote, urlparse
+from typing import Any, Callable
 
-from cxr.config import Config, ConfigError, is_uri
+from cxr.config import Config, ConfigError
+from cxr.settings import RAY_STAGES
+from cxr.storage import open_run
+from pipelines.atomic import write_json
 from pipelines.rundir import RunDir
 
-STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report")
+STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report")
 # What each stage reads: a disabled dependency is replaced by its own dependencies.
 DEPS: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -36,12 +37,12 @@ DEPS: dict[str, tuple[str, ...]] = {
     "eda": ("preprocess",),
     "train": ("preprocess",),
     "tune": ("preprocess",),
+    "cv": ("preprocess",),
     "evaluate": ("train", "tune"),
     "external": ("evaluate",),  # the model, and the internal figure its summary compares with
     "explain": ("train", "tune"),
-    "report": ("eda", "evaluate", "external", "explain"),
+    "report": ("eda", "cv", "evaluate", "external", "explain"),
 }
-RAY_STAGES = frozenset({"preprocess", "train", "tune", "evaluate", "external", "explain"})
 STAMP_DIR = ".stages"
 
 
@@ -57,85 +58,6 @@ class Stage:
 class Step:
     stage: Stage
     reason: str | None  # why it runs; None: done earlier, skipped
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def local_path(uri: str) -> Path | None:
-    """The local folder a plain path or ``file://`` URI names; None for remote URIs."""
-    if not is_uri(uri):
-        return Path(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        return None
-    if parsed.netloc not in ("", "localhost"):
-        raise ConfigError(f"run.dir {uri!r}: a file:// URI names a local path (file:///abs/path), not host {parsed.netloc!r}")
-    return Path(unquote(parsed.path))
-
-
-class Mirror:
-    """A remote run directory (any URI pyarrow filesystems read) worked on through a local copy:
-    pulled before the first stage, pushed after each one, both ways as a mirror (a file the source
-    lacks is deleted), so a stage that rewrites its outputs leaves no stale files behind. Files are
-    compared by size and modification time, so a push sends only what changed."""
-
-    def __init__(self, uri: str, local: Path) -> None:
-        import pyarrow.fs as pafs  # noqa: PLC0415
-
-        self.uri = uri
-        self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        self.local = Path(local)
-        self.local_fs = pafs.LocalFileSystem()
-
-    def pull(self) -> None:
-        self.local.mkdir(parents=True, exist_ok=True)
-        _sync(self.fs, self.root, self.local_fs, str(self.local.resolve()), keep_mtime=True)
-
-    def push(self) -> None:
-        _sync(self.local_fs, str(self.local.resolve()), self.fs, self.root, keep_mtime=False)
-
-
-def _listing(fs, root: str) -> dict[str, Any]:
-    import pyarrow.fs as pafs  # noqa: PLC0415
-
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    base = root.rstrip("/") + "/"
-    return {i.path[len(base):]: i for i in infos if i.type == pafs.FileType.File}
-
-
-def _sync(src_fs, src_root: str, dst_fs, dst_root: str, keep_mtime: bool) -> None:
-    import pyarrow.fs as pafs  # noqa: PLC0415
-
-    src, dst = _listing(src_fs, src_root), _listing(dst_fs, dst_root)
-    for rel, info in src.items():
-        old = dst.get(rel)
-        if old is not None and old.size == info.size and (old.mtime_ns or 0) >= (info.mtime_ns or 0):
-            continue
-        target = f"{dst_root.rstrip('/')}/{rel}"
-        dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
-        if keep_mtime:  # a local copy carries the remote time, so the next push skips it
-            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
-    for rel in dst.keys() - src.keys():
-        dst_fs.delete_file(f"{dst_root.rstrip('/')}/{rel}")
-
-
-@contextlib.contextmanager
-def open_run(uri: str, scratch: str | None = None) -> Iterator[tuple[RunDir, Callable[[], None]]]:
-    """The run directory to hand the stages, and the function that publishes their outputs.
-
-    A local path or ``file://`` URI is used in place, unless ``scratch`` is given: then the stages
-    work in ``scratch`` and a :class:`Mirror` keeps ``uri`` up to date (a slow shared mount, say).
-    Remote URIs always go through a mirror (default scratch: one folder per URI under the temp folder)."""
-    path = local_path(uri)
-    if path is not None and scratch is None:
-        yield RunDir(path), lambda: None
-        return
-    local = Path(scratch) if scratch else Path(tempfile.gettempdir()) / "cxr-runs" / hashlib.sha1(uri.encode()).hexdigest()[:12]
-    store = Mirror(str(path) if path is not None else uri, local)
-    store.pull()
-    yield RunDir(local), store.push
 
 
 # --------------------------------------------------------------------------- the stages
@@ -187,24 +109,18 @@ def _mismatch(path: Path, expected: dict[str, Any]) -> str | None:
 
 
 def build_stages(config: Config) -> list[Stage]:
-    """The enabled stages in order, each with its settings, action and output check."""
-    from cxr import stages  # noqa: PLC0415
+    """The enabled stages in order, each with its settings, action and output check. Every action
+    hands a stage function its config section: the same call the stage's own verb makes."""
+    from cxr import stages
 
     on = enabled_stages(config)
-    d, v, s, p, e, t = config.data, config.validate, config.split, config.preprocess, config.eda, config.tune
-    cfg, trial_base = config.train.config, config.tune_base()
+    d, s, p, cfg = config.data, config.split, config.preprocess, config.train.config
+    trial_base = config.tune_base()
 
-    def ingest(run: RunDir, resume: bool) -> str:
-        if d.source != "phantoms":
-            return stages.ingest_stage(run, d.source, Path(d.csv), Path(d.images), warn_only=d.warn_only, max_reject_frac=d.max_reject_frac,
-                                       cohort=d.cohort, cohorts=Path(d.cohorts) if d.cohorts else None)
-        from pipelines.phantoms import make_collection  # noqa: PLC0415
-
-        run.ensure()
-        made = make_collection(run.root / "phantoms", n_patients=d.patients, image_size=d.phantom_size, seed=d.seed)
-        head = f"phantoms: {made.n_images} synthetic images of {made.n_patients} patients in {made.root}"
-        return head + "\n" + stages.ingest_stage(run, "nih", made.labels_csv, made.images, warn_only=d.warn_only, max_reject_frac=d.max_reject_frac,
-                                                 cohorts=made.cohorts_csv)
+    def checkpoint(run: RunDir, given: str | None) -> str | None:
+        """The configured one, else what this run trained (tune's best before train's), else the stage's default."""
+        made = [run.tune / "best"] * ("tune" in on) + [run.train / "best"] * ("train" in on)
+        return given or next((str(c) for c in made if c.exists()), None)
 
     def ingest_check(run: RunDir) -> str | None:
         if d.source == "phantoms":
@@ -217,57 +133,43 @@ def build_stages(config: Config) -> list[Stage]:
         ingest_params["label_file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     def tune(run: RunDir, resume: bool) -> str:
-        from tuning.space import default_space, load_space  # noqa: PLC0415
+        settings = dataclasses.replace(config.tune, resume=resume and _can_restore_search(run))
+        return stages.tune_stage(run, settings, trial_base)
 
-        space = load_space(Path(t.space)) if t.space else default_space(lr=(t.lr[0], t.lr[1]), sampling=t.sampling, loss=t.loss, freeze=t.freeze)
-        return stages.tune_stage(run, trial_base, space, t.num_samples, asha=t.asha, resume=resume and _can_restore_search(run), grace_period=t.grace_period)
+    def with_checkpoint(section: Any, given: str | None) -> Callable[[RunDir], Any]:
+        return lambda run: dataclasses.replace(section, checkpoint=checkpoint(run, given))
 
-    def checkpoint(run: RunDir, given: str | None) -> Path | None:
-        """The configured one, else what this run trained (tune's best before train's), else the stage's default."""
-        made = [run.tune / "best"] * ("tune" in on) + [run.train / "best"] * ("train" in on)
-        return Path(given) if given else next((c for c in made if c.exists()), None)
-
+    t = config.tune
     table = {
-        "ingest": Stage("ingest", ingest_params, ingest, ingest_check),
-        "validate": Stage("validate", {"validate": _section(v)}, lambda run, r: stages.validate_stage(run, warn_only=v.warn_only, max_reject_frac=v.max_reject_frac)),
-        "split": Stage(
-            "split",
-            {"split": _section(s)},
-            lambda run, r: stages.split_stage(run, s.test_frac, s.val_frac, s.min_positives, s.seed, warn_only=s.warn_only),
-            lambda run: _mismatch(run.split_report, {"test_frac": s.test_frac, "val_frac": s.val_frac, "min_positives": s.min_positives, "seed": s.seed}),
-        ),
-        "preprocess": Stage(
-            "preprocess",
-            {"preprocess": _section(p)},
-            lambda run, r: stages.preprocess_stage(run, p.image_size, num_blocks=p.blocks),
-            lambda run: _mismatch(run.stats, {"image_size": p.image_size}),
-        ),
-        "eda": Stage("eda", {"eda": _section(e)}, lambda run, r: stages.eda_stage(run, sample_size=e.sample_size, seed=e.seed)),
+        "ingest": Stage("ingest", ingest_params, lambda run, r: stages.ingest_stage(run, d), ingest_check),
+        "validate": Stage("validate", {"validate": _section(config.validate)}, lambda run, r: stages.validate_stage(run, config.validate)),
+        "split": Stage("split", {"split": _section(s)}, lambda run, r: stages.split_stage(run, s),
+                       lambda run: _mismatch(run.split_report, {"test_frac": s.test_frac, "val_frac": s.val_frac, "min_positives": s.min_positives, "seed": s.seed})),
+        "preprocess": Stage("preprocess", {"preprocess": _section(p)}, lambda run, r: stages.preprocess_stage(run, p),
+                            lambda run: _mismatch(run.stats, {"image_size": p.image_size})),
+        "eda": Stage("eda", {"eda": _section(config.eda)}, lambda run, r: stages.eda_stage(run, config.eda)),
         "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg), lambda run: _mismatch(run.train / "config.json", cfg.to_dict())),
-        "tune": Stage("tune", {"tune": _section(t), "trial_base": trial_base.to_dict(), "space_file": Path(t.space).read_text() if t.space and Path(t.space).is_file() else None}, tune),
+        "tune": Stage("tune", {"tune": _section(t), "trial_base": trial_base.to_dict(),
+                               "space_file": Path(t.space).read_text() if t.space and Path(t.space).is_file() else None}, tune),
     }
-    extra = {"evaluate": {"subgroups": config.evaluate.subgroups}, "explain": {}}
+    if "cv" in on:
+        cv = _stage_function("cv")
+        table["cv"] = Stage("cv", {"cv": _section(config.cv), "trial_base": cfg.to_dict()},
+                            lambda run, r: cv(run, dataclasses.replace(config.cv, resume=r), cfg))
     for name in ("evaluate", "explain"):
         if name in on:
-            fn, given = _stage_function(name), getattr(config, name).checkpoint
-            table[name] = Stage(name, {name: _section(getattr(config, name))},
-                                lambda run, r, fn=fn, given=given, kw=extra[name]: fn(run, checkpoint=checkpoint(run, given), **kw))
+            fn, section = _stage_function(name), getattr(config, name)
+            resolved = with_checkpoint(section, section.checkpoint)
+            table[name] = Stage(name, {name: _section(section)}, lambda run, r, fn=fn, resolved=resolved: fn(run, resolved(run)))
     if "external" in on:
         given = config.evaluate.checkpoint
+        sets = [(x, with_checkpoint(x, x.checkpoint or given)) for x in config.external]
         table["external"] = Stage("external", {"external": [dataclasses.asdict(x) for x in config.external], "checkpoint": given},
-                                  lambda run, r: "\n".join(_external_set(run, x, checkpoint(run, given)) for x in config.external))
+                                  lambda run, r: "\n".join(stages.external_stage(run, resolved(run)) for _, resolved in sets))
     if "report" in on:
         report = _stage_function("report")
         table["report"] = Stage("report", {}, lambda run, r: report(run))
     return [table[name] for name in STAGES if name in on]
-
-
-def _external_set(run: RunDir, x, checkpoint: Path | None) -> str:
-    """``cxr external`` for one set of the config's ``external:`` list."""
-    from cxr import stages  # noqa: PLC0415
-
-    return stages.external_stage(run, x.name, x.source, Path(x.csv), Path(x.images), cohort=x.cohort,
-                                 cohorts=Path(x.cohorts) if x.cohorts else None, checkpoint=checkpoint, drop_overlap=x.drop_overlap)
 
 
 def _can_restore_search(run: RunDir) -> bool:
@@ -383,7 +285,7 @@ def _run_stage(stage: Stage, run: RunDir, ups: dict[str, str], force: bool, publ
     resume = previous.get("status") == "started" and previous.get("key") == key and not force
     stamp = {"stage": stage.name, "status": "started", "key": key, "params": stage.params, "upstream": ups,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_stamp(path, stamp)
+    write_json(path, stamp)
     before, t0 = _snapshot(run.root), time.monotonic()
     try:
         summary = stage.action(run, resume)
@@ -395,7 +297,7 @@ def _run_stage(stage: Stage, run: RunDir, ups: dict[str, str], force: bool, publ
     # Ray checkpoints) without the outputs going missing.
     outputs = sorted({"/".join(Path(f).parts[:2]) for f, sig in _snapshot(run.root).items() if before.get(f) != sig})
     token = uuid.uuid4().hex
-    _write_stamp(path, {**stamp, "status": "done", "token": token, "outputs": outputs,
+    write_json(path, {**stamp, "status": "done", "token": token, "outputs": outputs,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.monotonic() - t0, 1)})
     publish()
     echo(f"{summary}\n{tag}: done in {time.monotonic() - t0:.1f}s")
@@ -406,10 +308,3 @@ def plan_pipeline(config: Config, force: bool = False) -> str:
     """What ``run_pipeline`` would do, without doing it (``cxr run --dry-run``)."""
     with open_run(config.run.dir, config.run.scratch) as (run, _):
         return f"run {config.run.dir}: plan\n{format_plan(plan(config, run, force))}"
-
-
-def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr.settings import (
+    DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
+    ValidateSection,
+)
 from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
 from pipelines.errors import UserInputError
@@ -15,6 +19,7 @@ from pipelines.lineage import current_manifest, current_shards, current_splits, 
 from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
 from pipelines.rundir import INFO_FILE, RunDir
+from trainers.config import TrainConfig
 
 
 def _source_info(run: RunDir) -> dict:
@@ -46,8 +51,23 @@ def _write_manifest(run: RunDir, manifest: pd.DataFrame, quarantine: pd.DataFram
     write_table(manifest, run.manifest)
 
 
-def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC,
-                 cohort: str | None = None, cohorts: Path | None = None) -> str:
+def ingest_stage(run: RunDir, data: DataSection) -> str:
+    """Ingest the collection ``data`` names; ``phantoms`` first makes a synthetic one (as ``cxr demo``)
+    in ``<run>/phantoms`` with its cohorts file."""
+    if data.source != "phantoms":
+        return ingest_collection(run, data.source, Path(data.csv), Path(data.images), warn_only=data.warn_only, max_reject_frac=data.max_reject_frac,
+                                 cohort=data.cohort, cohorts=Path(data.cohorts) if data.cohorts else None)
+    from pipelines.phantoms import make_collection
+
+    run.ensure()
+    made = make_collection(run.root / "phantoms", n_patients=data.patients, image_size=data.phantom_size, seed=data.seed)
+    head = f"phantoms: {made.n_images} synthetic images of {made.n_patients} patients in {made.root}"
+    return head + "\n" + ingest_collection(run, "nih", made.labels_csv, made.images, warn_only=data.warn_only,
+                                           max_reject_frac=data.max_reject_frac, cohorts=made.cohorts_csv)
+
+
+def ingest_collection(run: RunDir, source: str, label_file: Path, images: Path, warn_only: bool = False, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC,
+                      cohort: str | None = None, cohorts: Path | None = None) -> str:
     """Parse the label file, run the manifest suite, quarantine every rejected row, write the clean
     manifest. One reason rejecting more than ``max_reject_frac`` of the rows stops it before any
     table is written (pipelines/reject_guard.py). ``cohort`` names every image's cohort, or
@@ -103,12 +123,11 @@ def ingest_stage(run: RunDir, source: str, label_file: Path, images: Path, warn_
     return "\n".join(lines)
 
 
-def validate_stage(
-    run: RunDir, warn_only: bool = False, test_frac: float | None = None, val_frac: float | None = None, max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC
-) -> str:
+def validate_stage(run: RunDir, settings: ValidateSection) -> str:
     """Re-run the suites on what the run directory holds: the manifest, and the splits if present.
     One check failing more than ``max_reject_frac`` of the manifest's rows stops it before the
     manifest or the quarantine is changed (pipelines/reject_guard.py)."""
+    warn_only, max_reject_frac = settings.warn_only, settings.max_reject_frac
     from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
     from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary  # noqa: PLC0415
     from validation.mass_rejection import suite_rejections  # noqa: PLC0415
@@ -141,8 +160,8 @@ def validate_stage(
                 manifest,
                 splits_of(run, manifest),
                 run.validation,
-                test_frac=test_frac if test_frac is not None else report.get("test_frac", 0.15),
-                val_frac=val_frac if val_frac is not None else report.get("val_frac", 0.15),
+                test_frac=report.get("test_frac", SplitSection.test_frac),
+                val_frac=report.get("val_frac", SplitSection.val_frac),
             )
         )
     summary_path = write_summary(results, run.validation)
@@ -151,8 +170,9 @@ def validate_stage(
     return "\n".join(lines)
 
 
-def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: int, seed: int, warn_only: bool = False) -> str:
+def split_stage(run: RunDir, settings: SplitSection) -> str:
     """Patient-level split with the leakage audit, then the GX split suite."""
+    test_frac, val_frac, min_positives, seed = settings.test_frac, settings.val_frac, settings.min_positives, settings.seed
     from pipelines.split import split_patients  # noqa: PLC0415
     from validation import raise_on_table_failures, validate_splits, write_summary, format_summary  # noqa: PLC0415
 
@@ -173,7 +193,7 @@ def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: i
         "shortfalls": result.shortfalls,
         "patients_in_two_splits": shared,
     }
-    raise_on_table_failures([suite], warn_only=warn_only)
+    raise_on_table_failures([suite], warn_only=settings.warn_only)
     write_json(run.split_report, report)
     write_parquet(result.splits, run.splits, made_from={"manifest": fingerprint(manifest)})
     lines = [
@@ -189,7 +209,7 @@ def split_stage(run: RunDir, test_frac: float, val_frac: float, min_positives: i
     return "\n".join(lines)
 
 
-def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None) -> str:
+def preprocess_stage(run: RunDir, settings: PreprocessSection) -> str:
     """Ray Data preprocessing; undecodable images go to the quarantine; the image suite runs on the result.
 
     The shards are built in a staging folder and swapped in only when complete, with a lineage
@@ -199,7 +219,8 @@ def preprocess_stage(run: RunDir, image_size: int, num_blocks: int | None = None
 
     manifest = manifest_of(run)
     splits, info = splits_of(run, manifest), _source_info(run)
-    result, quarantine, suite, lineage = _preprocess_shards(run, manifest, splits, Path(info["images"]), image_size, num_blocks)
+    image_size = settings.image_size
+    result, quarantine, suite, lineage = _preprocess_shards(run, manifest, splits, Path(info["images"]), image_size, settings.blocks)
     stats = {**result.stats, **lineage}
     write_json(run.stats, stats)
     summary_path = write_summary([suite], run.validation)
@@ -245,7 +266,7 @@ def _preprocess_shards(run: RunDir, manifest: pd.DataFrame, splits: pd.DataFrame
     return result, quarantine, suite, lineage
 
 
-def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
+def eda_stage(run: RunDir, settings: EdaSection) -> str:
     from pipelines.eda import run_eda  # noqa: PLC0415
 
     manifest, info = manifest_of(run), _source_info(run)
@@ -258,8 +279,8 @@ def eda_stage(run: RunDir, sample_size: int = 64, seed: int = 0) -> str:
         splits=splits,
         shards=run.shards if stats is not None else None,
         stats=stats,
-        sample_size=sample_size,
-        seed=seed,
+        sample_size=settings.sample_size,
+        seed=settings.seed,
     )
     return f"eda: {len(result.figures)} figures, summary at {result.summary_html} and {result.summary_md}"
 
@@ -268,18 +289,21 @@ def _auroc_lines(metrics: dict, prefix: str = "val_auroc_") -> list[str]:
     return [f"    {f:<19} {metrics.get(prefix + f, float('nan')):.3f}" for f in FINDINGS]
 
 
-def train_stage(run: RunDir, cfg) -> str:
+def train_stage(run: RunDir, cfg: TrainConfig) -> str:
     """Ray Train on the run's shards; the best epoch's checkpoint lands in ``<run>/train/best``."""
     from pipelines.lineage import write_model_lineage  # noqa: PLC0415
     from trainers import fit  # noqa: PLC0415
 
     stats = current_shards(run)
-    result = fit(run, cfg)
+    print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
+    result = fit(run, cfg, echo=lambda line: print(f"  {line}", flush=True))
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
         f"train: {cfg.backbone} (weights {cfg.weights}, freeze {cfg.freeze}, loss {cfg.effective_loss}, sampling {cfg.sampling}), "
         f"{len(result.metrics_history)} epoch(s) on {cfg.workers} worker(s)",
+        *([f"  stopped early after epoch {trained}: validation mean AUROC had not improved for {cfg.patience} epoch(s) (--patience {cfg.patience})"]
+          if cfg.patience and (trained := len(result.metrics_history)) < cfg.epochs else []),
         f"  best epoch {int(best.get('epoch', 0))}: validation mean AUROC {best.get('val_mean_auroc', float('nan')):.3f}, val_loss {best.get('val_loss', float('nan')):.4f}",
         "  per-finding validation AUROC (nan = undefined: one class only in validation):",
         *_auroc_lines(best),
@@ -288,13 +312,15 @@ def train_stage(run: RunDir, cfg) -> str:
     return "\n".join(lines)
 
 
-def tune_stage(run: RunDir, base, space: dict, num_samples: int, asha: bool, resume: bool, grace_period: int = 1) -> str:
-    """Ray Tune over training strategies; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
+def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
+    """Ray Tune over training strategies from ``base``; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
     from pipelines.lineage import write_model_lineage  # noqa: PLC0415
     from tuning import run_search  # noqa: PLC0415
 
     stats = current_shards(run)
-    result = run_search(run, base, space, num_samples=num_samples, asha=asha, resume=resume, grace_period=grace_period)
+    asha = settings.asha
+    result = run_search(run, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
+                        grace_period=settings.grace_period)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
     shown = result.table.drop(columns=[c for c in hidden if c in result.table])
@@ -315,14 +341,14 @@ def _pointing_line(summary: dict) -> str:
     )
 
 
-def evaluate_stage(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, robustness: bool = True,
-                   subgroups: list[str] | None = None) -> str:
+def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
     """Test-split metrics with patient-bootstrap intervals beside two baselines, operating points
     from validation, calibration, robustness and subgroups, in ``<run>/eval``."""
     from evaluation import evaluate_run  # noqa: PLC0415
 
+    checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
-    result = evaluate_run(run, checkpoint, n_boot=n_boot, robustness=robustness, subgroups=subgroups)
+    result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups)
     m = result.metrics
     mean = m["mean"]
     lines = [
@@ -356,9 +382,7 @@ def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
     return stats
 
 
-def external_stage(run: RunDir, name: str, source: str, label_file: Path, images: Path, cohort: str | None = None,
-                   cohorts: Path | None = None, checkpoint: Path | None = None, drop_overlap: bool = False, n_boot: int = 1000,
-                   max_reject_frac: float = DEFAULT_MAX_REJECT_FRAC, subgroups: list[str] | None = None) -> str:
+def external_stage(run: RunDir, settings: ExternalSet) -> str:
     """External validation: ingest a second collection with the run's own ingest and suites, refuse
     (or, with ``drop_overlap``, quarantine) patients and images the model trained or was selected on,
     preprocess it at the run's image size and score it as ``cxr evaluate`` scores the test split,
@@ -369,6 +393,7 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
     from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
     from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
 
+    name, label_file, checkpoint = settings.name, Path(settings.csv), Path(settings.checkpoint) if settings.checkpoint else None
     check_name(name)
     stats = _check_inputs(run, checkpoint)
     size = _model_image_size(run.best_checkpoint(checkpoint), stats, run)
@@ -377,14 +402,15 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
     with staged_dir(target) as staging:
         ext = RunDir(staging)
         try:
-            ingest_lines = ingest_stage(ext, source, label_file, images, max_reject_frac=max_reject_frac, cohort=cohort, cohorts=cohorts)
+            ingest_lines = ingest_collection(ext, settings.source, label_file, Path(settings.images), max_reject_frac=settings.max_reject_frac,
+                                             cohort=settings.cohort, cohorts=Path(settings.cohorts) if settings.cohorts else None)
         except ValidationFailed:
             _refuse_if_nothing_left(ext, name, label_file)  # every row quarantined: say that, not "the manifest is empty"
             raise
         manifest, info = current_manifest(ext), _source_info(ext)
         quarantine = pd.read_parquet(ext.quarantine)
         reasons = overlap_reasons(manifest, splits)
-        if not drop_overlap:
+        if not settings.drop_overlap:
             refuse_overlap(manifest, reasons, name)
         manifest, moved = split_off(manifest, reasons)
         if len(moved):
@@ -397,7 +423,7 @@ def external_stage(run: RunDir, name: str, source: str, label_file: Path, images
         if result.written["test"] == 0:
             raise UserInputError(f"external set {name!r}: none of its {len(manifest)} images could be decoded "
                                  f"({_reason_counts(decoded_out)}); nothing was written")
-        evaluation = evaluate_run(run, checkpoint, n_boot=n_boot, robustness=False, subgroups=subgroups, data=ext)
+        evaluation = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=False, subgroups=settings.subgroups, data=ext)
         summary_json = ext.validation / "summary.json"  # names its Data Docs pages by absolute path: the final one
         write_text(summary_json, summary_json.read_text().replace(str(ext.root), str(target)))
     m = evaluation.metrics
@@ -456,13 +482,36 @@ def _fmt(value) -> str:
     return number(value, 3, missing=TERMINAL_MISSING)
 
 
-def explain_stage(run: RunDir, checkpoint: Path | None = None, max_images: int = 24) -> str:
+def explain_stage(run: RunDir, settings: ExplainSection) -> str:
     """Grad-CAM gallery (TP/FP/FN) and the pointing game against radiologist boxes, in ``<run>/explain``."""
     from evaluation import explain_run  # noqa: PLC0415
 
+    checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
-    result = explain_run(run, checkpoint, max_images=max_images)
+    result = explain_run(run, checkpoint, max_images=settings.max_images)
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
+
+
+def explain_images_stage(files: ExplainImages, settings: ExplainSection) -> str:
+    """``cxr explain --images``: overlays for image files from a checkpoint, outside any run."""
+    from evaluation import explain
+    from pipelines.sources.nih import read_boxes
+
+    if not settings.checkpoint or not files.out:
+        raise UserInputError("explain --images needs --checkpoint and --out")
+    result = explain(Path(settings.checkpoint), [Path(f) for f in files.images], Path(files.out),
+                     boxes=read_boxes(Path(files.boxes)) if files.boxes else None)
+    return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s) in {result.out_dir}", _pointing_line(result.summary)])
+
+
+def predict_stage(settings: PredictSettings) -> str:
+    """``cxr predict``: the finding probabilities of image files, printed (and written to a CSV)."""
+    from evaluation import format_predictions, predict_images
+
+    frame = predict_images(Path(settings.checkpoint), [Path(f) for f in settings.images])
+    if settings.csv:
+        frame.to_csv(settings.csv, index=False)
+    return format_predictions(frame) + (f"\nwrote {settings.csv}" if settings.csv else "")
 
 
 def report_stage(run: RunDir) -> str:

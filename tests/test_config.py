@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import pipeline, stages
-from cxr.config import ConfigError, demo_config, load_config
-from cxr.pipeline import Mirror, open_run, plan, run_pipeline
+from cxr import pipeline, stages, storage
+from cxr.config import ConfigError, load_config
+from cxr.demo import demo_config
+from cxr.settings import DemoSettings
+from cxr.pipeline import plan, run_pipeline
+from cxr.storage import Mirror, open_run
 from pipelines.rundir import RunDir
 from trainers.config import TrainConfig
 
@@ -121,6 +124,10 @@ def test_the_shipped_configs_load_and_demo_yaml_is_what_cxr_demo_runs():
 # --------------------------------------------------------------------------- which stages run (fast fakes)
 
 
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
+
+
 class FakeStages:
     """Every stage function replaced by one that writes the files the real one writes (the ones the
     run's checks read), and records its call."""
@@ -133,31 +140,31 @@ class FakeStages:
         self.calls.append((name, kw))
         return f"{name}: done"
 
-    def ingest_stage(self, run, source, label_file, images, warn_only=False, max_reject_frac=0.2, cohort=None, cohorts=None):
+    def ingest_stage(self, run, data):
         run.ensure()
         pd.DataFrame({"image_id": ["a"]}).to_parquet(run.manifest)
-        run.source_json.write_text(json.dumps({"source": source, "label_file": str(Path(label_file).resolve()), "images": str(Path(images).resolve())}))
-        return self._log("ingest", source=source)
+        run.source_json.write_text(json.dumps({"source": data.source, "label_file": str(Path(data.csv).resolve()), "images": str(Path(data.images).resolve())}))
+        return self._log("ingest", source=data.source)
 
-    def validate_stage(self, run, warn_only=False, max_reject_frac=0.2):
+    def validate_stage(self, run, settings):
         (run.validation).mkdir(exist_ok=True)
         (run.validation / "summary.json").write_text("{}")
         return self._log("validate")
 
-    def split_stage(self, run, test_frac, val_frac, min_positives, seed, warn_only=False):
+    def split_stage(self, run, s):
         pd.DataFrame({"image_id": ["a"], "split": ["train"]}).to_parquet(run.splits)
-        run.split_report.write_text(json.dumps({"test_frac": test_frac, "val_frac": val_frac, "min_positives": min_positives, "seed": seed}))
-        return self._log("split", seed=seed)
+        run.split_report.write_text(json.dumps({"test_frac": s.test_frac, "val_frac": s.val_frac, "min_positives": s.min_positives, "seed": s.seed}))
+        return self._log("split", seed=s.seed)
 
-    def preprocess_stage(self, run, image_size, num_blocks=None):
+    def preprocess_stage(self, run, settings):
         (run.shards / "split=train").mkdir(parents=True, exist_ok=True)
         (run.shards / "split=train" / "part-0.parquet").write_bytes(b"x")
-        run.stats.write_text(json.dumps({"image_size": image_size}))
-        return self._log("preprocess", image_size=image_size)
+        run.stats.write_text(json.dumps({"image_size": settings.image_size}))
+        return self._log("preprocess", image_size=settings.image_size)
 
-    def eda_stage(self, run, sample_size=64, seed=0):
+    def eda_stage(self, run, settings):
         run.eda.mkdir(exist_ok=True)
-        (run.eda / "summary.md").write_text(str(sample_size))
+        (run.eda / "summary.md").write_text(str(settings.sample_size))
         return self._log("eda")
 
     def train_stage(self, run, cfg):
@@ -166,29 +173,34 @@ class FakeStages:
         (run.train / "config.json").write_text(json.dumps({**cfg.to_dict(), "ray_path": "x"}))
         return self._log("train", lr=cfg.lr)
 
-    def tune_stage(self, run, base, space, num_samples, asha, resume, grace_period=1):
+    def tune_stage(self, run, settings, base):
         if self.fail_tune_once:
             self.fail_tune_once = False
             (run.tune).mkdir(exist_ok=True)
             raise KeyboardInterrupt
         (run.tune / "best").mkdir(parents=True, exist_ok=True)
         (run.tune / "results.csv").write_text("trial\n")
-        return self._log("tune", resume=resume, workers=base.workers)
+        return self._log("tune", resume=settings.resume, workers=base.workers)
 
-    def evaluate_stage(self, run, checkpoint=None, subgroups=None):
+    def cv_stage(self, run, settings, base):
+        run.cv.mkdir(exist_ok=True)
+        (run.cv / "metrics.json").write_text("{}")
+        return self._log("cv", folds=settings.folds, resume=settings.resume)
+
+    def evaluate_stage(self, run, settings):
         run.eval.mkdir(exist_ok=True)
         (run.eval / "metrics.json").write_text("{}")
-        return self._log("evaluate", checkpoint=checkpoint)
+        return self._log("evaluate", checkpoint=_path(settings.checkpoint))
 
-    def external_stage(self, run, name, source, label_file, images, cohort=None, cohorts=None, checkpoint=None, drop_overlap=False):
-        (run.external(name) / "eval").mkdir(parents=True, exist_ok=True)
-        (run.external(name) / "eval" / "metrics.json").write_text("{}")
-        return self._log("external", set=name, checkpoint=checkpoint, drop_overlap=drop_overlap)
+    def external_stage(self, run, x):
+        (run.external(x.name) / "eval").mkdir(parents=True, exist_ok=True)
+        (run.external(x.name) / "eval" / "metrics.json").write_text("{}")
+        return self._log("external", set=x.name, checkpoint=_path(x.checkpoint), drop_overlap=x.drop_overlap)
 
-    def explain_stage(self, run, checkpoint=None):
+    def explain_stage(self, run, settings):
         (run.root / "explain").mkdir(exist_ok=True)
         (run.root / "explain" / "gallery.png").write_bytes(b"x")
-        return self._log("explain", checkpoint=checkpoint)
+        return self._log("explain", checkpoint=_path(settings.checkpoint))
 
     def report_stage(self, run):
         (run.root / "report.html").write_text("<html>")
@@ -208,6 +220,7 @@ def fake(monkeypatch, tmp_path):
         "data": {"source": "manifest", "csv": "labels.csv", "images": "."},
         "train": {"backbone": "resnet18", "weights": "none"},
         "tune": {"enabled": True, "base": {"workers": 1}},
+        "cv": {"enabled": True, "folds": 3},
         "external": [{"name": "site-b", "source": "manifest", "csv": "labels.csv", "images": "."}],
     })
     return fakes
@@ -230,10 +243,11 @@ def test_a_second_run_skips_everything_and_force_reruns_everything(fake, tmp_pat
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report"]),
-    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "evaluate", "external", "explain", "report"]),
-    ("train.lr=0.001", ["train", "tune", "evaluate", "external", "explain", "report"]),  # the trials start from train's settings
+    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report"]),
+    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report"]),
+    ("train.lr=0.001", ["train", "tune", "cv", "evaluate", "external", "explain", "report"]),  # trials and folds start from train's settings
     ("tune.num_samples=2", ["tune", "evaluate", "external", "explain", "report"]),
+    ("cv.folds=4", ["cv", "report"]),
     ("external=[{name: site-b, source: manifest, csv: labels.csv, images: ., drop_overlap: true}]", ["external", "report"]),
     ("eda.sample_size=8", ["eda", "report"]),
     ("report.enabled=false", []),
@@ -271,7 +285,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(fake, tmp_path, monkeypatch
     assert [n for n, _ in fake.calls] == ["ingest", "validate", "split", "preprocess", "eda", "train"]
     stamp = json.loads((Path(config.run.dir) / ".stages" / "tune.json").read_text())
     assert stamp["status"] == "started"
-    assert ran(fake, config) == ["tune", "evaluate", "external", "explain", "report"]
+    assert ran(fake, config) == ["tune", "cv", "evaluate", "external", "explain", "report"]
     assert fake.calls[0][1] == {"resume": True, "workers": 1}  # Tune restores its own search; trials use tune.base
 
 
@@ -327,11 +341,11 @@ def test_mirror_push_and_pull_copy_changes_and_delete_what_the_source_lacks(tmp_
 
 
 def test_run_dir_forms(tmp_path):
-    assert pipeline.local_path("runs/x") == Path("runs/x")
-    assert pipeline.local_path(f"file://{tmp_path}/r") == tmp_path / "r"
-    assert pipeline.local_path("s3://bucket/runs/x") is None
+    assert storage.local_path("runs/x") == Path("runs/x")
+    assert storage.local_path(f"file://{tmp_path}/r") == tmp_path / "r"
+    assert storage.local_path("s3://bucket/runs/x") is None
     with pytest.raises(ConfigError, match="names a local path"):
-        pipeline.local_path("file://otherhost/r")
+        storage.local_path("file://otherhost/r")
     with open_run(f"file://{tmp_path}/r") as (run, publish):
         assert run.root == tmp_path / "r"
 
@@ -369,5 +383,6 @@ def test_cxr_demo_is_cxr_run_of_the_demo_config(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(cxr.pipeline, "run_pipeline", lambda config, force=False: seen.append((config, force)) or "ok")
-    run_demo(RunDir(tmp_path / "demo"), patients=60, image_size=32, seed=3, tune=False)
-    assert seen == [(demo_config(str(RunDir(tmp_path / "demo").root), patients=60, image_size=32, seed=3, tune=False), True)]
+    demo = DemoSettings(patients=60, image_size=32, seed=3, tune=False)
+    run_demo(RunDir(tmp_path / "demo"), demo)
+    assert seen == [(demo_config(str(RunDir(tmp_path / "demo").root), demo), True)]

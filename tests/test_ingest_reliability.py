@@ -20,6 +20,7 @@ import pytest
 
 from cxr import stages
 from cxr.cli import main
+from cxr.settings import SplitSection, ValidateSection
 from pipelines.ids import normalize_id, normalize_ids
 from pipelines.ingest import _files_under, ingest
 from pipelines.labels import FINDINGS
@@ -101,7 +102,7 @@ def test_nih_patient_id_written_as_floats_gives_the_zero_padded_id(tmp_path):
     assert ",2.0," in resaved.read_text(), "pandas wrote the patient column as floats"
 
     run = RunDir(tmp_path / "run")
-    summary = stages.ingest_stage(run, "nih", resaved, tmp_path / "images")
+    summary = stages.ingest_collection(run, "nih", resaved, tmp_path / "images")
     assert accounting(run) == (24, 23, 1)
     manifest = pd.read_parquet(run.manifest)
     assert set(manifest["patient_id"]) == {f"{p:08d}" for p in range(1, 9)}
@@ -136,12 +137,12 @@ def test_manifest_patient_766_0_and_766_is_one_patient_in_every_split(tmp_path):
     assert ",766.0," in text and ",766," in text
 
     run = RunDir(tmp_path / "run")
-    summary = stages.ingest_stage(run, "manifest", tmp_path / "labels.csv", images)
+    summary = stages.ingest_collection(run, "manifest", tmp_path / "labels.csv", images)
     assert accounting(run) == (120, 120, 0)
     assert "ids normalized: 60 patient_id (e.g. '760.0' -> '760')" in summary
     assert set(pd.read_parquet(run.manifest)["patient_id"]) == {str(p) for p in patients}
     for seed in range(5):
-        out = stages.split_stage(run, 0.15, 0.15, 2, seed)
+        out = stages.split_stage(run, SplitSection(0.15, 0.15, 2, seed))
         splits = pd.read_parquet(run.splits)
         assert splits.groupby(normalize_ids(splits["patient_id"]))["split"].nunique().max() == 1, f"seed {seed} leaks"
         assert "leakage audit: 0 patients shared between splits" in out
@@ -270,7 +271,7 @@ def test_one_bad_record_never_aborts_an_ingest_and_is_quarantined_once(tmp_path)
     frame.loc[[4, 9, 16], "Patient Age"] = ["nan", "inf", "40000"]
     frame.to_csv(tmp_path / "Data_Entry.csv", index=False)
     run = RunDir(tmp_path / "run")
-    summary = stages.ingest_stage(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
+    summary = stages.ingest_collection(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
     assert accounting(run) == (24, 21, 3)
     q = pd.read_parquet(run.quarantine)
     assert list(q["stage"]) == ["ingest"] * 3
@@ -375,7 +376,7 @@ def test_a_partial_download_is_not_a_mass_rejection(tmp_path):
         write_png(tmp_path / "images" / image_id, chest_like(32))
     write_nih_csv(tmp_path / "Data_Entry.csv", nih_rows(listed))
     run = RunDir(tmp_path / "run")
-    summary = stages.ingest_stage(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
+    summary = stages.ingest_collection(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
     assert accounting(run) == (40, 6, 34)
     assert "quarantined      34  missing file" in summary
 
@@ -389,12 +390,12 @@ def test_a_mass_rejection_by_the_manifest_suite_writes_no_table(tmp_path):
     frame.to_csv(tmp_path / "Data_Entry.csv", index=False)
     run = RunDir(tmp_path / "run")
     with pytest.raises(MassRejectionError) as err:
-        stages.ingest_stage(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
+        stages.ingest_collection(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
     message = str(err.value)
     assert "'expect_column_values_to_be_in_set(sex, {M, F, U})' (column 'sex'): 20 of 24 rows (83%), e.g. row 5: 'X'; row 6: 'X'; row 7: 'X'" in message
     assert "report: " in message
     assert written(run) == []
-    stages.ingest_stage(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images", max_reject_frac=1)
+    stages.ingest_collection(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images", max_reject_frac=1)
     assert accounting(run) == (24, 4, 20)
 
 
@@ -402,15 +403,15 @@ def test_cxr_validate_stops_before_moving_rows(tmp_path):
     ids = nih_images(tmp_path / "images", patients=8)
     write_nih_csv(tmp_path / "Data_Entry.csv", nih_rows(ids))
     run = RunDir(tmp_path / "run")
-    stages.ingest_stage(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
+    stages.ingest_collection(run, "nih", tmp_path / "Data_Entry.csv", tmp_path / "images")
     manifest = pd.read_parquet(run.manifest)
     manifest.loc[3:, "view"] = "FRONTAL"  # edited by hand or made elsewhere: most rows fail the view check
     manifest.to_parquet(run.manifest, index=False)
     before = {p: p.read_bytes() for p in (run.manifest, run.quarantine)}
     with pytest.raises(MassRejectionError, match=r"(?s)validate stopped.*'view'.*21 of 24 rows.*manifest row 4 \(00000002_000.png\): 'FRONTAL'"):
-        stages.validate_stage(run)
+        stages.validate_stage(run, ValidateSection())
     assert {p: p.read_bytes() for p in before} == before, "manifest and quarantine unchanged"
-    out = stages.validate_stage(run, max_reject_frac=1)
+    out = stages.validate_stage(run, ValidateSection(max_reject_frac=1))
     assert "moved 21 manifest row(s) to the quarantine; 3 remain" in out
     assert len(pd.read_parquet(run.manifest)) == 3 and len(pd.read_parquet(run.quarantine)) == 21
 
@@ -429,11 +430,11 @@ def test_cxr_run_config_carries_max_reject_frac(tmp_path, monkeypatch):
     assert config.data.max_reject_frac == 0.2 and config.validate.max_reject_frac == 0.2
     config = load_config(tmp_path / "c.yaml", ["data.max_reject_frac=1", "validate.max_reject_frac=0.5"])
     calls = {}
-    monkeypatch.setattr(stages, "ingest_stage", lambda run, *a, **k: calls.setdefault("ingest", k) and "")
-    monkeypatch.setattr(stages, "validate_stage", lambda run, **k: calls.setdefault("validate", k) and "")
+    monkeypatch.setattr(stages, "ingest_stage", lambda run, data: calls.setdefault("ingest", data) and "")
+    monkeypatch.setattr(stages, "validate_stage", lambda run, settings: calls.setdefault("validate", settings) and "")
     for stage in build_stages(config)[:2]:
         stage.action(RunDir(tmp_path / "run"), False)
-    assert calls["ingest"]["max_reject_frac"] == 1.0 and calls["validate"]["max_reject_frac"] == 0.5
+    assert calls["ingest"].max_reject_frac == 1.0 and calls["validate"].max_reject_frac == 0.5
     with pytest.raises(ConfigError, match="data.max_reject_frac must be between 0 and 1"):
         load_config(tmp_path / "c.yaml", ["data.max_reject_frac=1.5"])
 
@@ -530,7 +531,7 @@ def test_a_split_of_42_images_passes_its_fraction_check_despite_whole_patients(t
     train = {seed: (split_patients(manifest, 0.2, 0.2, 10, seed=seed).splits["split"] == "train").mean() for seed in seeds}
     assert any(not 0.55 <= t <= 0.65 for t in train.values()), f"no seed shows the rounding case: {train}"
     for seed in seeds:
-        out = stages.split_stage(run, 0.2, 0.2, 10, seed)  # raises ValidationFailed on a table-level failure
+        out = stages.split_stage(run, SplitSection(0.2, 0.2, 10, seed))  # raises ValidationFailed on a table-level failure
         assert "splits: " in out and "table-level failure" not in out
 
 

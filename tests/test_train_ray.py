@@ -66,3 +66,25 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_resampli
     assert list(history["train_images"]) == expected
     assert expected[0] > len(train) - 16  # oversampling added rows
     assert not math.isnan(history["val_loss"].iloc[-1])
+
+
+def test_patience_stops_training_when_validation_auroc_stops_improving(ray_local, tmp_path):
+    """Validation without a positive image gives no defined AUROC, so no epoch ever improves:
+    with --patience 1 training stops after the first epoch instead of running all three."""
+    run = write_run(tmp_path / "run", n_train=32, n_val=16, image_size=32)
+    for part in (run / "shards" / "split=val").glob("*.parquet"):
+        frame = pd.read_parquet(part)
+        frame[list(FINDINGS)] = 0
+        frame.to_parquet(part, index=False)
+    result = fit(run, TrainConfig(epochs=3, patience=1, **TINY))
+    assert list(result.metrics_history["epoch"]) == [1]
+    assert (run / "train" / "best" / "model.pt").exists()
+
+
+def test_training_prints_one_line_per_epoch_as_it_ends(ray_local, tmp_path):
+    run = write_run(tmp_path / "run", n_train=32, n_val=16, image_size=32)
+    lines: list[str] = []
+    fit(run, TrainConfig(epochs=3, **TINY), echo=lines.append)
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]  # one per epoch, nothing per batch
+    assert all("train loss" in line and "val mean AUROC" in line and "img/s" in line and "elapsed" in line for line in lines)
+    assert "(best)" in lines[0] and "left ~" in lines[0] and "left ~" not in lines[-1]

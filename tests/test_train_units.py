@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision import models as tv
 
+from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from tests import train_fixtures  # also sets CXR_OFFLINE: no test downloads weights
 from trainers.augment import Augment, augment_batch
@@ -306,3 +307,31 @@ def test_checkpoint_round_trip_and_prediction_input(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(ValueError, match="expects 32x32"):
         prepare_input(torch.zeros(1, 16, 16, dtype=torch.uint8), info2)
+
+
+def test_epochs_without_improvement_counts_from_the_best_validation_auroc():
+    from trainers.loop import epochs_without_improvement
+
+    nan = float("nan")
+    assert epochs_without_improvement([{"val_mean_auroc": v} for v in (0.5, 0.6, 0.55, 0.58)]) == 2
+    assert epochs_without_improvement([{"val_mean_auroc": 0.5}]) == 0
+    assert epochs_without_improvement([{"val_mean_auroc": v} for v in (0.6, 0.6)]) == 1  # a tie is not an improvement
+    assert epochs_without_improvement([{"val_mean_auroc": v} for v in (nan, nan)]) == 2
+    assert epochs_without_improvement([{"val_mean_auroc": v} for v in (0.5, nan)]) == 1
+
+
+def test_patience_must_be_a_positive_integer():
+    assert TrainConfig(patience=3).patience == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UserInputError, match="patience must be an integer >= 1"):
+            TrainConfig(patience=bad)
+
+
+def test_an_epoch_line_marks_a_new_best_and_estimates_the_time_left():
+    from trainers.progress import epoch_line
+
+    m = {"epoch": 2, "train_loss": 0.25, "val_loss": 0.3, "val_mean_auroc": 0.71, "train_images_per_s": 140.2}
+    line = epoch_line(m, epochs=10, best_before=0.70, elapsed=60.0, trained_here=2)
+    assert line == "epoch 2/10  train loss 0.2500  val loss 0.3000  val mean AUROC 0.710 (best)  140 img/s  elapsed 1m00s  left ~4m00s"
+    assert "(best)" not in epoch_line(m, epochs=10, best_before=0.72, elapsed=60.0, trained_here=2)
+    assert "left" not in epoch_line({**m, "epoch": 10}, epochs=10, best_before=0.7, elapsed=60.0, trained_here=10)

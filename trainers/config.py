@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.errors import UserInputError
+from pipelines.options import option
 
 BACKBONE_CHOICES = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
 FREEZE_CHOICES = ("none", "partial", "backbone")
@@ -49,43 +50,44 @@ class TrainConfig:
     ImageNet-pretrained DenseNet121 (CheXNet), only its last dense block and the head trained,
     weighted loss against the heavy per-finding imbalance."""
 
-    backbone: str = "densenet121"
-    weights: str = "imagenet"  # "imagenet", "none", or the path of a local state_dict file
-    freeze: str = "partial"  # none: fine-tune all; partial: last block + head; backbone: head only
-    loss: str = "auto"  # auto = weighted without resampling, bce with it (resampling already rebalances)
-    sampling: str = "none"  # over: repeat images with rare findings; under: drop all-negative images
-    over_max_repeat: float = 4.0  # cap on how often one image is repeated per epoch (--sampling over)
-    under_ratio: float = 1.0  # all-negative images kept per image with a finding (--sampling under)
-    uncertain: str = "zeros"  # -1 labels: U-Zeros, U-Ones, or masked out of the loss and AUROC
+    backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONE_CHOICES)
+    weights: str = option("imagenet", "'imagenet' (torchvision's, from the local cache offline), 'none', or the path of a local state_dict")
+    freeze: str = option("partial", "none: fine-tune all; partial: last block + head; backbone: head only", choices=FREEZE_CHOICES)
+    loss: str = option("auto", "weighted BCE (per-finding, from the train split), plain bce, or auto (weighted unless resampling)", choices=LOSS_CHOICES)
+    sampling: str = option("none", "over: repeat images with rare findings; under: drop all-negative images; per epoch", choices=SAMPLING_CHOICES)
+    over_max_repeat: float = option(4.0, "with --sampling over: the most times one image is repeated per epoch")
+    under_ratio: float = option(1.0, "with --sampling under: all-negative images kept per image with a finding")
+    uncertain: str = option("zeros", "-1 labels: U-Zeros, U-Ones, or ignored in loss and AUROC", choices=UNCERTAIN_CHOICES)
 
-    epochs: int = 10
-    batch_size: int = 32  # per worker
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    amp: bool = True  # bf16 autocast + channels_last; only on GPU
-    shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer
+    epochs: int = option(10, "epochs (the maximum per trial under tune)")
+    patience: int | None = option(None, "stop early when validation mean AUROC has not improved for N epochs (unset: train every epoch)", metavar="N")
+    batch_size: int = option(32, "images per worker per step")
+    lr: float = option(3e-4, "AdamW learning rate (cosine schedule)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    amp: bool = option(True, "bf16 autocast + channels_last on GPU (--no-amp: full precision)")
+    shuffle_buffer: int = option(512, "rows in each worker's local shuffle buffer")
 
-    augment: bool = True  # training split only
-    rotate_deg: float = 7.0
-    shift: float = 0.05  # fraction of the image side
-    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
-    contrast: float = 0.2  # contrast factor in [1 - contrast, 1 + contrast]
-    hflip: bool = False  # off: a mirrored chest puts the heart on the wrong side
+    augment: bool = option(True, "train-split augmentation (rotation, shift, scale, contrast); --no-augment turns it off")
+    rotate_deg: float = option(7.0, "augmentation: largest rotation in degrees")
+    shift: float = option(0.05, "augmentation: largest shift, as a fraction of the image side")
+    scale: float = option(0.1, "augmentation: zoom in [1 - scale, 1 + scale]")
+    contrast: float = option(0.2, "augmentation: contrast factor in [1 - contrast, 1 + contrast]")
+    hflip: bool = option(False, "augmentation: horizontal flips (off by default: a mirrored chest puts the heart on the wrong side)")
 
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.5  # leaves CPU for Ray Data's read tasks on small machines
-    placement_strategy: str = "PACK"
-    ingest: str = "ray_data"  # "memory": preload the train split into the object store (benchmark bound)
+    workers: int = option(2, "Ray Train workers (DDP)")
+    gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU; fractions allowed)")
+    cpus_per_worker: float = option(0.5, "CPUs per worker (leave some for Ray Data reads)")
+    placement_strategy: str = option("PACK", "Ray placement of the workers", choices=PLACEMENT_CHOICES)
+    ingest: str = option("ray_data", "ray_data: stream the shards; memory: preload the train split into the object store", choices=INGEST_CHOICES)
 
-    keep_checkpoints: int = 2  # best N by validation mean AUROC (the latest is kept too)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
-    seed: int = 0
+    keep_checkpoints: int = option(2, "best N checkpoints kept, by validation mean AUROC")
+    max_failures: int = option(2, "worker-group restarts from the last checkpoint before giving up")
+    seed: int = option(0, "random seed")
 
     # Test-only fault injection: the last worker exits hard during epoch `fail_at_epoch` (1-based)
     # unless the file `fail_marker` exists; it creates that file first, so it fails exactly once.
-    fail_at_epoch: int | None = None
-    fail_marker: str | None = None
+    fail_at_epoch: int | None = option(None, cli=False)
+    fail_marker: str | None = option(None, cli=False)
 
     def __post_init__(self) -> None:
         _choose("backbone", self.backbone, BACKBONE_CHOICES)
@@ -101,6 +103,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1):
+            raise UserInputError(f"patience must be an integer >= 1 (or unset: no early stopping), got {self.patience!r}")
         if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < -1:
             raise UserInputError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
         for name in ("lr", "cpus_per_worker"):

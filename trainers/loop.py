@@ -242,3 +242,16 @@ def train_loop_per_worker(config: dict) -> None:
                                  checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+        if _all_gather(epochs_without_improvement(history) >= (cfg.patience or math.inf))[0]:
+            break  # rank 0's view decides, so every worker leaves the loop together
+
+
+def epochs_without_improvement(history: list[dict]) -> int:
+    """Epochs since validation mean AUROC last reached its best (0: the latest epoch is the best).
+    An epoch whose AUROC is undefined (NaN) is never an improvement."""
+    scores = [h.get("val_mean_auroc", math.nan) for h in history]
+    defined = [i for i, v in enumerate(scores) if v == v]
+    if not defined:
+        return len(scores)
+    best = max(defined, key=lambda i: (scores[i], -i))
+    return len(scores) - 1 - best

@@ -17,6 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import ray
@@ -31,6 +32,7 @@ from trainers.config import TrainConfig
 from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
 from trainers.publish import publish_best
 from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
+from trainers.progress import printed_epochs
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
 from trainers.weights import initial_state_dict
@@ -137,7 +139,13 @@ def write_outputs(result, run: RunDir, cfg: TrainConfig) -> TrainResult:
     return TrainResult(best_dir, history, dict(best_metrics), result.path)
 
 
-def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None) -> TrainResult:
-    """Train per ``cfg`` on ``<run>/shards`` on the connected Ray cluster; write ``<run>/train/``."""
-    result = build_trainer(run, cfg, storage_path, name).fit()
+def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
+        echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Train per ``cfg`` on ``<run>/shards`` on the connected Ray cluster; write ``<run>/train/``.
+    ``echo`` gets one line per epoch as it ends (trainers/progress.py)."""
+    if echo is None:
+        result = build_trainer(run, cfg, storage_path, name).fit()
+    else:
+        with printed_epochs(cfg.epochs, echo) as lines:
+            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines]).fit()
     return write_outputs(result, run, cfg)
