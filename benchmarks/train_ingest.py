@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: tests.train_fixt
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from cxr.runtime import ray_session  # noqa: E402
+from pipelines.rundir import RunDir  # noqa: E402
 from tests.train_fixtures import write_run  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.trainer import fit  # noqa: E402
@@ -41,7 +42,7 @@ def throughput(history, warmup: int) -> tuple[float, float]:
 
 def measure(run: Path, cfg: TrainConfig, storage: str, warmup: int) -> dict:
     start = time.perf_counter()
-    result = fit(run, cfg, storage_path=storage, name=f"bench-{cfg.ingest}-{time.time_ns()}")
+    result = fit(RunDir(run), cfg, storage_path=storage, name=f"bench-{cfg.ingest}-{time.time_ns()}")
     history = result.metrics_history
     epoch_rate, steady_rate = throughput(history, warmup)
     return {

@@ -25,6 +25,7 @@ import pandas as pd
 from ray import tune
 
 from cxr.runtime import init_local_ray
+from pipelines.rundir import RunDir
 from tests.train_fixtures import write_run
 from trainers import TrainConfig
 from tuning import run_search
@@ -46,7 +47,7 @@ def main() -> None:
         for asha in (False, True):
             run = write_run(Path(tmp) / f"run_{asha}", n_train=96, n_val=48, image_size=args.image_size, seed=1)
             t0 = time.perf_counter()
-            result = run_search(run, base, space, asha=asha, grace_period=1, reduction_factor=2)
+            result = run_search(RunDir(run), base, space, asha=asha, grace_period=1, reduction_factor=2)
             best = result.table.iloc[0]
             tables["ASHA" if asha else "no early stopping"] = result.table[["lr", "loss", "status", "epochs", "best_val_mean_auroc", "best_epoch"]]
             rows.append({"search": "ASHA" if asha else "no early stopping", "trials": len(result.table), "trial-epochs": result.trial_epochs, "wall s": time.perf_counter() - t0, "best lr": best["lr"], "best loss": best["loss"], "best val mean AUROC": best["best_val_mean_auroc"]})

@@ -25,7 +25,7 @@ from cxr.config import Config, ConfigError
 from cxr.settings import RAY_STAGES
 from cxr.storage import open_run
 from pipelines.atomic import write_json
-from pipelines.rundir import RunDir
+from pipelines.rundir import CHECKPOINT_ORDER, RunDir
 
 STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report")
 # What each stage reads: a disabled dependency is replaced by its own dependencies.
@@ -119,8 +119,8 @@ def build_stages(config: Config) -> list[Stage]:
 
     def checkpoint(run: RunDir, given: str | None) -> str | None:
         """The configured one, else what this run trained (tune's best before train's), else the stage's default."""
-        made = [run.tune / "best"] * ("tune" in on) + [run.train / "best"] * ("train" in on)
-        return given or next((str(c) for c in made if c.exists()), None)
+        made = run.find_best_checkpoint([s for s in CHECKPOINT_ORDER if s in on])
+        return given or (str(made) if made else None)
 
     def ingest_check(run: RunDir) -> str | None:
         if d.source == "phantoms":
@@ -148,7 +148,7 @@ def build_stages(config: Config) -> list[Stage]:
         "preprocess": Stage("preprocess", {"preprocess": _section(p)}, lambda run, r: stages.preprocess_stage(run, p),
                             lambda run: _mismatch(run.stats, {"image_size": p.image_size})),
         "eda": Stage("eda", {"eda": _section(config.eda)}, lambda run, r: stages.eda_stage(run, config.eda)),
-        "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg), lambda run: _mismatch(run.train / "config.json", cfg.to_dict())),
+        "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg), lambda run: _mismatch(run.train_config, cfg.to_dict())),
         "tune": Stage("tune", {"tune": _section(t), "trial_base": trial_base.to_dict(),
                                "space_file": Path(t.space).read_text() if t.space and Path(t.space).is_file() else None}, tune),
     }
@@ -270,7 +270,7 @@ def run_pipeline(config: Config, force: bool = False, echo: Callable[[str], None
     skipped = [s.stage.name for s in steps if not s.reason]
     lines = [f"run: {len(ran)} stage(s) run ({', '.join(ran) or 'none'}), {len(skipped)} skipped as done ({', '.join(skipped) or 'none'}) in {time.monotonic() - started:.1f}s",
              f"outputs in {config.run.dir}"]
-    if (run.root / "report.html").exists():
+    if run.report.exists():
         lines.append(f"report: {config.run.dir.rstrip('/')}/report.html")
     return "\n".join(lines)
 

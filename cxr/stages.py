@@ -14,10 +14,11 @@ from cxr.settings import (
 from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
 from pipelines.errors import UserInputError
+from pipelines.formatting import TERMINAL_MISSING, number, signed
 from pipelines.lineage import current_manifest, current_shards, current_splits, fingerprint, manifest_is_recorded, write_parquet
 from pipelines.manifest import empty_quarantine, read_table, replace_stage_quarantine, write_table
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
-from pipelines.rundir import RunDir
+from pipelines.rundir import INFO_FILE, RunDir
 from trainers.config import TrainConfig
 
 
@@ -295,7 +296,7 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
 
     stats = current_shards(run)
     print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
-    result = fit(run.root, cfg, echo=lambda line: print(f"  {line}", flush=True))
+    result = fit(run, cfg, echo=lambda line: print(f"  {line}", flush=True))
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
@@ -306,7 +307,7 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
         f"  best epoch {int(best.get('epoch', 0))}: validation mean AUROC {best.get('val_mean_auroc', float('nan')):.3f}, val_loss {best.get('val_loss', float('nan')):.4f}",
         "  per-finding validation AUROC (nan = undefined: one class only in validation):",
         *_auroc_lines(best),
-        f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train / 'history.csv'}",
+        f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train_history}",
     ]
     return "\n".join(lines)
 
@@ -318,7 +319,7 @@ def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
 
     stats = current_shards(run)
     asha = settings.asha
-    result = run_search(run.root, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
+    result = run_search(run, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
                         grace_period=settings.grace_period)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
@@ -347,7 +348,7 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
-    result = evaluate_run(run.root, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups)
+    result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups)
     m = result.metrics
     mean = m["mean"]
     lines = [
@@ -373,12 +374,11 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
 def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
     """Evaluate and explain read the shards and the run's own checkpoint: both must be current.
     Returns the shards' ``stats.json``."""
-    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.lineage import check_model_lineage  # noqa: PLC0415
 
     stats = current_shards(run)
     if checkpoint is None:
-        check_model_lineage(run, resolve_checkpoint(run.root), stats)
+        check_model_lineage(run, run.best_checkpoint(), stats)
     return stats
 
 
@@ -390,14 +390,13 @@ def external_stage(run: RunDir, settings: ExternalSet) -> str:
     succeeded: a refused or failed run leaves the previous ``external/NAME/``, or none."""
     from evaluation import evaluate_run  # noqa: PLC0415
     from evaluation.external import below_internal  # noqa: PLC0415
-    from evaluation.inference import resolve_checkpoint  # noqa: PLC0415
     from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
     from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
 
     name, label_file, checkpoint = settings.name, Path(settings.csv), Path(settings.checkpoint) if settings.checkpoint else None
     check_name(name)
     stats = _check_inputs(run, checkpoint)
-    size = _model_image_size(resolve_checkpoint(run.root, checkpoint), stats, run)
+    size = _model_image_size(run.best_checkpoint(checkpoint), stats, run)
     splits = splits_of(run)
     target = run.external(name)
     with staged_dir(target) as staging:
@@ -424,11 +423,11 @@ def external_stage(run: RunDir, settings: ExternalSet) -> str:
         if result.written["test"] == 0:
             raise UserInputError(f"external set {name!r}: none of its {len(manifest)} images could be decoded "
                                  f"({_reason_counts(decoded_out)}); nothing was written")
-        evaluation = evaluate_run(run.root, checkpoint, n_boot=settings.bootstrap, robustness=False, subgroups=settings.subgroups, data=ext)
+        evaluation = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=False, subgroups=settings.subgroups, data=ext)
         summary_json = ext.validation / "summary.json"  # names its Data Docs pages by absolute path: the final one
         write_text(summary_json, summary_json.read_text().replace(str(ext.root), str(target)))
     m = evaluation.metrics
-    internal = json.loads((run.eval / "metrics.json").read_text()) if (run.eval / "metrics.json").exists() else None
+    internal = json.loads(run.eval_metrics.read_text()) if run.eval_metrics.exists() else None
     quarantined = info["rows_in"] - result.written["test"]
     lines = [
         f"external {name}: {info['rows_in']} rows in = {result.written['test']} scored + {quarantined} quarantined "
@@ -454,7 +453,7 @@ def external_stage(run: RunDir, settings: ExternalSet) -> str:
 
 def _model_image_size(checkpoint: Path, stats: dict, run: RunDir) -> int:
     """The image size external images are preprocessed at: the run's, which the model must share."""
-    info = json.loads((Path(checkpoint) / "model.json").read_text())
+    info = json.loads((Path(checkpoint) / INFO_FILE).read_text())
     if int(info["image_size"]) != int(stats["image_size"]):
         raise UserInputError(f"{checkpoint}/model.json expects {info['image_size']}x{info['image_size']} images but {run.stats} "
                              f"says the run's shards are {stats['image_size']}x{stats['image_size']}: pass a checkpoint trained on this run")
@@ -476,11 +475,11 @@ def _reason_counts(quarantine: pd.DataFrame) -> str:
 
 
 def _signed(value) -> str:
-    return "  -  " if value is None or value != value else f"{value:+.3f}"
+    return signed(value, 3, missing=TERMINAL_MISSING)
 
 
 def _fmt(value) -> str:
-    return "  -  " if value is None or value != value else f"{value:.3f}"
+    return number(value, 3, missing=TERMINAL_MISSING)
 
 
 def explain_stage(run: RunDir, settings: ExplainSection) -> str:
@@ -489,14 +488,14 @@ def explain_stage(run: RunDir, settings: ExplainSection) -> str:
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
-    result = explain_run(run.root, checkpoint, max_images=settings.max_images)
+    result = explain_run(run, checkpoint, max_images=settings.max_images)
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
 
 
 def explain_images_stage(files: ExplainImages, settings: ExplainSection) -> str:
     """``cxr explain --images``: overlays for image files from a checkpoint, outside any run."""
     from evaluation import explain
-    from pipelines.phantoms import read_boxes
+    from pipelines.sources.nih import read_boxes
 
     if not settings.checkpoint or not files.out:
         raise UserInputError("explain --images needs --checkpoint and --out")
@@ -521,7 +520,7 @@ def report_stage(run: RunDir) -> str:
     from evaluation import write_report  # noqa: PLC0415
     from validation.report import SUMMARY_FILE, overall_line  # noqa: PLC0415
 
-    lines = [f"report: {write_report(run.root)}"]
+    lines = [f"report: {write_report(run)}"]
     summary = json.loads((run.validation / SUMMARY_FILE).read_text()) if (run.validation / SUMMARY_FILE).exists() else {}
     if summary.get("suites"):
         lines.append(overall_line(summary))

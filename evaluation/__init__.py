@@ -6,7 +6,7 @@ pay for torch and pytorch-grad-cam.
 """
 from __future__ import annotations
 
-import importlib
+from pipelines.lazy import lazy_exports
 
 _EXPORTS = {
     "EvalResult": "evaluation.evaluate",
@@ -18,10 +18,4 @@ _EXPORTS = {
     "format_predictions": "evaluation.predict",
     "write_report": "evaluation.report",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,7 @@ import pandas as pd
 from evaluation import figures
 from evaluation.bootstrap import bootstrap_auroc, mean_replicates, percentile_interval
 from evaluation.calibration import expected_calibration_error
-from evaluation.inference import load_split, predict_arrays, prediction_frame, resolve_checkpoint
+from evaluation.inference import load_split, predict_arrays, prediction_frame
 from evaluation.metrics import auroc, average_precision, nan_to_none, prevalence
 from evaluation.operating_points import choose_threshold, operating_metrics
 from evaluation.robustness import robustness_table
@@ -24,6 +24,7 @@ from evaluation.baselines import WORDS, Baseline, compare, fit_baselines, split_
 from evaluation.subgroups import MEAN, below_overall, not_beating_baselines, subgroup_columns, subgroup_table, subgroups_json
 from pipelines.atomic import staged_dir, write_json
 from pipelines.errors import UserInputError
+from pipelines.formatting import interval, number
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 
@@ -52,20 +53,16 @@ class EvalResult:
             if f["auroc"] is None:
                 lines.append(f"  {name:<19}{'undefined':>9}  ({f['note']})")
                 continue
-            lines.append(f"  {name:<19}{f['auroc']:>7.3f}  {_ci(f):<13}{_num(f['ap']):>6}{_num(f['prevalence']):>7}"
-                         f"{_num(f['sensitivity']):>7}{_num(f['specificity']):>7}")
+            lines.append(f"  {name:<19}{f['auroc']:>7.3f}  {_ci(f):<13}{number(f['ap'], missing='-'):>6}{number(f['prevalence'], missing='-'):>7}"
+                         f"{number(f['sensitivity'], missing='-'):>7}{number(f['specificity'], missing='-'):>7}")
         mean = m["mean"]
-        lines.append(f"  {'mean':<19}{_num(mean['auroc'], 3):>7}  {_ci(mean)} over {len(mean['findings'])} findings")
+        lines.append(f"  {'mean':<19}{number(mean['auroc'], 3, missing='-'):>7}  {_ci(mean)} over {len(mean['findings'])} findings")
         lines.append(f"wrote {self.out_dir}")
         return "\n".join(lines)
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _ci(figure: dict) -> str:
-    return "-" if figure.get("ci_low") is None else f"{figure['ci_low']:.3f}-{figure['ci_high']:.3f}"
+    return interval(figure.get("ci_low"), figure.get("ci_high"), 3, missing="-", sep="-")
 
 
 def _undefined_note(n_pos: int, n_neg: int) -> str | None:
@@ -140,7 +137,7 @@ def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
     return {**views, "note": VIEW_SHIFT_NOTE}
 
 
-def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
+def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
                  robustness: bool = True, threshold_rule: str = "youden", subgroups: list[str] | None = None,
                  data: RunDir | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` (default: ``<run>/tune/best``, else ``<run>/train/best``) on the
@@ -152,15 +149,14 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
     split and the baselines fit on the run's train split, so both sets are judged by one rule."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when evaluating
 
-    run = RunDir(run_dir)
     data = run if data is None else data
-    checkpoint = resolve_checkpoint(run.root, checkpoint)
+    checkpoint = run.best_checkpoint(checkpoint)
     model, info = load_checkpoint(checkpoint)
     findings, size = list(info["findings"]), int(info["image_size"])
     unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
         raise UserInputError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
-    test, val = load_split(data.root, "test", size), load_split(run.root, "val", size)
+    test, val = load_split(data, "test", size), load_split(run, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)
     frame = _with_meta(prediction_frame(test, test_probs, findings), data)
@@ -186,7 +182,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
     # complete eval/ (which explain and report read), never a mix of two.
     with staged_dir(data.eval) as out:
         (out / "figures").mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(out / "predictions.parquet", index=False)
+        frame.to_parquet(out / data.eval_predictions.name, index=False)
         _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
         shown = [findings[j] for j in defined]
         made: dict[str, Path] = {}
@@ -226,11 +222,11 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, n_boot: int = 10
             "baselines": comparisons,
             "subgroups": subgroups_json(groups, [b.name for b in baselines]) if groups is not None else {},
             "warnings": _warnings(mean, comparisons, groups),
-            "files": {"predictions": "predictions.parquet", "val_predictions": "val_predictions.parquet",
+            "files": {"predictions": data.eval_predictions.name, "val_predictions": "val_predictions.parquet",
                       **({"robustness": "robustness.csv"} if robust is not None else {}),
                       **({"subgroups": "subgroups.csv"} if groups is not None else {})},
             "figures": {k: str(p.relative_to(out)) for k, p in made.items()},
         }
-        write_json(out / "metrics.json", metrics)
+        write_json(out / data.eval_metrics.name, metrics)
     made = {k: data.eval / p.relative_to(out) for k, p in made.items()}
     return EvalResult(data.eval, metrics, frame, robust, groups, made)

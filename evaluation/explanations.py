@@ -15,16 +15,16 @@ import numpy as np
 import pandas as pd
 
 from evaluation import figures
-from evaluation.inference import predict_arrays, resolve_checkpoint
+from evaluation.inference import predict_arrays
 from evaluation.overlay import Panel, render
 from evaluation.pointing import NIH_BOX_FRAME, TOLERANCE, box_to_model, play, summarize
 from evaluation.predict import decode_all, decode_images
 from pipelines.atomic import staged_dir
 from pipelines.imaging import decode_file
 from pipelines.rundir import RunDir
+from pipelines.sources.nih import BOX_FILES, read_boxes
 
 DEFAULT_THRESHOLD = 0.5  # only where no threshold was chosen on validation
-BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 CATEGORIES = {"TP": "true positive", "FP": "false positive", "FN": "false negative"}
 
 
@@ -118,10 +118,15 @@ def explain(checkpoint: Path, images: list[Path], out_dir: Path, boxes: pd.DataF
     summary = summarize(pointing) if len(pointing) else {}
     if summary:
         summary["tolerance"] = tolerance
-        pointing.to_csv(out_dir / "pointing.csv", index=False)
-        (out_dir / "pointing.json").write_text(json.dumps(summary, indent=2) + "\n")
-        figures.pointing_plot(summary, out_dir / "pointing.png")
+        _write_pointing(out_dir, pointing, summary)
     return ExplainResult(out_dir, written, predictions, pointing, summary)
+
+
+def _write_pointing(out_dir: Path, pointing: pd.DataFrame, summary: dict) -> None:
+    """The pointing game's table, summary and figure in ``out_dir``."""
+    pointing.to_csv(out_dir / "pointing.csv", index=False)
+    (out_dir / "pointing.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures.pointing_plot(summary, out_dir / "pointing.png")
 
 
 def find_box_file(run: RunDir) -> Path | None:
@@ -170,25 +175,23 @@ def gallery_items(predictions: pd.DataFrame, per_finding: dict, max_images: int)
     return pd.DataFrame(picked, columns=["image_id", "finding", "category", "prob", "threshold"])
 
 
-def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int = 24, max_boxed: int = 200,
+def explain_run(run: RunDir, checkpoint: Path | None = None, max_images: int = 24, max_boxed: int = 200,
                 tolerance: float = TOLERANCE) -> ExplainResult:
     """The gallery in ``<run>/explain/gallery/`` (``gallery.csv`` lists it) and the pointing game
     on boxed held-out images in ``<run>/explain/boxed/`` (their boxed findings only: the gallery
     shows what the model predicts). Needs ``cxr evaluate`` first."""
     from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
     from evaluation.gradcam import HeatmapMaker  # noqa: PLC0415
-    from pipelines.phantoms import read_boxes  # noqa: PLC0415
 
-    run = RunDir(run_dir)
-    metrics_path = run.eval / "metrics.json"
+    metrics_path = run.eval_metrics
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: run `cxr evaluate --run {run.root}` first "
                                 "(explain uses its thresholds and test predictions)")
     metrics = json.loads(metrics_path.read_text())
-    checkpoint = resolve_checkpoint(run.root, checkpoint or Path(metrics["checkpoint"]))
+    checkpoint = run.best_checkpoint(checkpoint or metrics["checkpoint"])
     per_finding = metrics["per_finding"]
     thresholds = {name: m.get("threshold") for name, m in per_finding.items()}
-    predictions = pd.read_parquet(run.eval / "predictions.parquet")
+    predictions = pd.read_parquet(run.eval_predictions)
     manifest = pd.read_parquet(run.manifest, columns=["image_id", "path"])
     image_root = Path(json.loads(run.source_json.read_text())["images"])
     path_of = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
@@ -201,7 +204,7 @@ def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int =
         maps = maker.heatmaps(pixels, [findings.index(f) for f in items["finding"]])
     # Built in a staging folder and swapped in whole: a re-run never mixes its images with the
     # last run's, and an interrupted one leaves the last complete explain/.
-    final = run.root / "explain"
+    final = run.explain
     with staged_dir(final) as out:
         written = []
         for k, (item, heatmap) in enumerate(zip(items.itertuples(), maps)):
@@ -230,8 +233,6 @@ def explain_run(run_dir: Path, checkpoint: Path | None = None, max_images: int =
                 if summary:
                     summary["box_file"] = str(box_file)
                     summary["splits"] = "val+test" if run.splits.exists() else "test"
-                    (out / "pointing.json").write_text(json.dumps(summary, indent=2) + "\n")
-                    pointing.to_csv(out / "pointing.csv", index=False)
-                    figures.pointing_plot(summary, out / "pointing.png")
+                    _write_pointing(out, pointing, summary)
     images = [final / p.relative_to(out) for p in written + boxed_written]
     return ExplainResult(final, images, boxed_predictions, pointing, summary, gallery=items)

@@ -7,20 +7,22 @@ one does clearly worse.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from pipelines.formatting import estimate, number
 from pipelines.rundir import RunDir
 
 
-def external_metrics(run_dir: Path) -> dict[str, dict]:
+def external_metrics(run: RunDir) -> dict[str, dict]:
     """Every scored external set of the run, by name (sets without ``eval/metrics.json`` are left out)."""
-    folder = RunDir(run_dir).root / "external"
-    if not folder.is_dir():
+    if not run.externals.is_dir():
         return {}
     found = {}
-    for path in sorted(folder.glob("*/eval/metrics.json")):
+    for folder in sorted(p for p in run.externals.iterdir() if p.is_dir() and not p.name.startswith(".")):  # not a staging folder
+        path = RunDir(folder).eval_metrics
+        if not path.is_file():
+            continue
         try:
-            found[path.parent.parent.name] = json.loads(path.read_text())
+            found[folder.name] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # unreadable: the report shows what it can
     return found
@@ -34,5 +36,5 @@ def below_internal(name: str, external: dict, internal: dict | None) -> str | No
     if point is None or high is None or ext.get("auroc") is None or high >= point:
         return None
     return (f"On external set {name} ({external['n_images']} images, {external['n_patients']} patients) "
-            f"the model's mean AUROC is {ext['auroc']:.2f} [{ext['ci_low']:.2f}-{high:.2f}], well below "
-            f"{point:.2f} on the internal test split: it does not carry over to this collection as measured")
+            f"the model's mean AUROC is {estimate(ext['auroc'], ext['ci_low'], high)}, well below "
+            f"{number(point)} on the internal test split: it does not carry over to this collection as measured")

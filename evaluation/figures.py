@@ -17,12 +17,14 @@ from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from evaluation.calibration import reliability_table  # noqa: E402
 from evaluation.metrics import known  # noqa: E402
+from pipelines.formatting import number  # noqa: E402
 
 MODEL = "#1f5fa8"
 BASELINE = "#8a8f98"
 ALERT = "#c0392b"
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#7f7f7f", "#000000")
 DPI = 110
+NA = "n/a"  # an undefined figure on a plot
 
 plt.rcParams.update({
     "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "axes.spines.top": False,
@@ -56,10 +58,6 @@ def _unit_axes(ax: plt.Axes, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def roc_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict, path: Path) -> Path:
     """ROC curve per finding with its AUROC and interval; the operating point chosen on validation
     is marked where there is one."""
@@ -73,7 +71,7 @@ def roc_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict, path: 
         if m.get("sensitivity") is not None and m.get("specificity") is not None:
             ax.plot(1 - m["specificity"], m["sensitivity"], "o", color=ALERT, ms=5, label="operating point")
         ax.set_title(name.replace("_", " "))
-        ax.text(0.97, 0.05, f"AUROC {_fmt(m['auroc'])}\n({_fmt(m['ci_low'])}–{_fmt(m['ci_high'])})",
+        ax.text(0.97, 0.05, f"AUROC {number(m['auroc'], missing=NA)}\n({number(m['ci_low'], missing=NA)}–{number(m['ci_high'], missing=NA)})",
                 ha="right", va="bottom", transform=ax.transAxes, fontsize=8.5,
                 bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
         _unit_axes(ax, "1 − specificity", "sensitivity")
@@ -90,7 +88,7 @@ def pr_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict, path: P
         ax.axhline(m["prevalence"], ls="--", color=BASELINE, lw=1)
         ax.step(recall, precision, where="post", color=MODEL, lw=1.8)
         ax.set_title(name.replace("_", " "))
-        ax.text(0.97, 0.95, f"AP {_fmt(m['ap'])}\nprevalence {_fmt(m['prevalence'])}", ha="right", va="top",
+        ax.text(0.97, 0.95, f"AP {number(m['ap'], missing=NA)}\nprevalence {number(m['prevalence'], missing=NA)}", ha="right", va="top",
                 transform=ax.transAxes, fontsize=8.5, bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
         _unit_axes(ax, "recall (sensitivity)", "precision (PPV)")
     return _save(fig, path)
@@ -108,7 +106,7 @@ def reliability_grid(frame: pd.DataFrame, findings: list[str], per_finding: dict
         ax.scatter(filled["mean_predicted"], filled["observed"], s=12 + 120 * filled["count"] / filled["count"].max(),
                    color=MODEL, alpha=0.8, zorder=3)
         ax.set_title(name.replace("_", " "))
-        ax.text(0.05, 0.95, f"ECE {_fmt(per_finding[name].get('ece'), 3)}", ha="left", va="top", transform=ax.transAxes,
+        ax.text(0.05, 0.95, f"ECE {number(per_finding[name].get('ece'), 3, missing=NA)}", ha="left", va="top", transform=ax.transAxes,
                 fontsize=8.5, bbox={"boxstyle": "round", "fc": "white", "ec": "#dddddd"})
         _unit_axes(ax, "predicted probability", "observed frequency")
     return _save(fig, path)

@@ -38,21 +38,9 @@ class SplitData:
         return self.frame[list(findings)].to_numpy(dtype=np.int8)
 
 
-def resolve_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> Path:
-    """``checkpoint`` if given, else the run's Tune winner, else its trained model."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    run = RunDir(run_dir)
-    for candidate in (run.tune / "best", run.train / "best"):
-        if (candidate / "model.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"no checkpoint in {run.root}: run `cxr train --run {run.root}` (or `cxr tune`) "
-                            "first, or pass --checkpoint PATH")
-
-
-def load_split(run_dir: Path, split: str, image_size: int) -> SplitData:
+def load_split(run: RunDir, split: str, image_size: int) -> SplitData:
     """Read a split's shards (pixels, ids, labels) into memory, sorted by image_id."""
-    path = split_dir(RunDir(run_dir).shards, split)
+    path = split_dir(run.shards, split)
     if not path.is_dir():
         raise FileNotFoundError(f"no shards for split {split!r} at {path}: run `cxr preprocess` first")
     columns = ["image_id", "patient_id", IMAGE_COLUMN, *FINDINGS]

@@ -19,12 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation.external import below_internal, external_metrics
+from pipelines.atomic import write_text
+from pipelines.formatting import interval, number, percent, signed
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 from validation.report import overall, suite_status
 from validation.results import FAILED, PASSED, WARNINGS, status_words
 
-REPORT_FILE = "report.html"
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 CSS = """
@@ -85,22 +86,6 @@ footer { color:var(--muted); font-size:12.5px; text-align:center; padding:10px; 
 
 def _e(value) -> str:
     return html.escape(str(value))
-
-
-def _num(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
-def _pct(value) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
-
-
-def _ci(low, high, digits: int = 2) -> str:
-    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
-        return "—"
-    return f"{low:.{digits}f}–{high:.{digits}f}"
 
 
 def _image(path: Path, alt: str, caption: str = "") -> str:
@@ -248,7 +233,7 @@ def _training_section(run: RunDir, figures_dir: Path) -> str | None:
     from evaluation import figures  # noqa: PLC0415 - matplotlib only when there is something to draw
 
     parts = []
-    history_path = run.train / "history.csv"
+    history_path = run.train_history
     if history_path.exists():
         history = pd.read_csv(history_path)
         if len(history) and "epoch" in history:
@@ -259,7 +244,7 @@ def _training_section(run: RunDir, figures_dir: Path) -> str | None:
         table = pd.read_csv(results)
         columns = [c for c in ("trial", "sampling", "loss", "freeze", "lr", "backbone", "status", "epochs",
                                "best_val_mean_auroc", "weakest_findings") if c in table]
-        rows = [[_e(_num(v, 4) if isinstance(v, float) and c != "lr" else (f"{v:.1e}" if c == "lr" else v))
+        rows = [[_e(number(v, 4) if isinstance(v, float) and c != "lr" else (f"{v:.1e}" if c == "lr" else v))
                  for c, v in zip(columns, row)] for row in table[columns].itertuples(index=False)]
         parts.append("<h3>Strategy search (Ray Tune)</h3>" + _table([c.replace("_", " ") for c in columns], rows))
         if (run.tune / "curves.png").exists():
@@ -277,14 +262,14 @@ def _discrimination_section(metrics: dict, eval_dir: Path) -> str:
     for name, m in per.items():
         undefined = m["auroc"] is None
         rows.append([
-            _e(name.replace("_", " ")), f"{m['n_positive']} / {m['n_positive'] + m['n_negative']}", _pct(m["prevalence"]),
-            _e(m["note"]) if undefined else f"<b>{_num(m['auroc'])}</b>", _ci(m["ci_low"], m["ci_high"]),
-            _interval_bar(m["auroc"], m["ci_low"], m["ci_high"]), _num(m["ap"]),
+            _e(name.replace("_", " ")), f"{m['n_positive']} / {m['n_positive'] + m['n_negative']}", percent(m["prevalence"]),
+            _e(m["note"]) if undefined else f"<b>{number(m['auroc'])}</b>", interval(m["ci_low"], m["ci_high"]),
+            _interval_bar(m["auroc"], m["ci_low"], m["ci_high"]), number(m["ap"]),
         ])
         classes.append("undefined" if undefined else "")
-    rows.append([f"Mean over {len(mean['findings'])} findings", "", "", f"<b>{_num(mean['auroc'])}</b>",
-                 _ci(mean["ci_low"], mean["ci_high"]), _interval_bar(mean["auroc"], mean["ci_low"], mean["ci_high"]),
-                 _num(mean["ap"])])
+    rows.append([f"Mean over {len(mean['findings'])} findings", "", "", f"<b>{number(mean['auroc'])}</b>",
+                 interval(mean["ci_low"], mean["ci_high"]), _interval_bar(mean["auroc"], mean["ci_low"], mean["ci_high"]),
+                 number(mean["ap"])])
     classes.append("total")
     boot = metrics["bootstrap"]
     body = _table(["finding", "positives / images", "prevalence", "AUROC", "95% CI", "", "average precision"],
@@ -311,25 +296,21 @@ def _discrimination_section(metrics: dict, eval_dir: Path) -> str:
 BASELINE_TITLES = {"metadata": "metadata only (age, sex, view)", "image_statistics": "image statistics (32×32 thumbnail, PCA 64)"}
 
 
-def _signed(value) -> str:
-    return "—" if value is None else f"{value:+.2f}"
-
-
 def _baseline_section(metrics: dict) -> str | None:
     baselines = metrics.get("baselines") or {}
     if not baselines:
         return None
     mean = metrics["mean"]
-    rows = [[f"<b>the model</b>", f"<b>{_num(mean['auroc'])}</b>", _ci(mean["ci_low"], mean["ci_high"]), "", ""]]
+    rows = [[f"<b>the model</b>", f"<b>{number(mean['auroc'])}</b>", interval(mean["ci_low"], mean["ci_high"]), "", ""]]
     for name, b in baselines.items():
         beaten = b["diff_ci_low"] is not None and b["diff_ci_low"] > 0
-        rows.append([_e(BASELINE_TITLES.get(name, name)), _num(b["mean_auroc"]), _ci(b["ci_low"], b["ci_high"]),
-                     f"{_signed(b['diff'])} [{_signed(b['diff_ci_low'])}, {_signed(b['diff_ci_high'])}]",
+        rows.append([_e(BASELINE_TITLES.get(name, name)), number(b["mean_auroc"]), interval(b["ci_low"], b["ci_high"]),
+                     f"{signed(b['diff'])} [{signed(b['diff_ci_low'])}, {signed(b['diff_ci_high'])}]",
                      _badge(beaten, "beaten", "not shown to beat")])
     body = _table(["", "mean AUROC", "95% CI", "model − baseline [paired 95% CI]", ""], rows, numeric={1, 2, 3})
     findings = list(metrics["per_finding"])
-    detail = [[_e(f.replace("_", " ")), _num(metrics["per_finding"][f]["auroc"]),
-               *[f"{_num(b['per_finding'][f]['auroc'])} ({_signed(b['per_finding'][f]['diff'])})" for b in baselines.values()]]
+    detail = [[_e(f.replace("_", " ")), number(metrics["per_finding"][f]["auroc"]),
+               *[f"{number(b['per_finding'][f]['auroc'])} ({signed(b['per_finding'][f]['diff'])})" for b in baselines.values()]]
               for f in findings if all(b["per_finding"].get(f, {}).get("auroc") is not None for b in baselines.values())]
     if detail:
         body += ("<details><summary>Per finding: baseline AUROC (model − baseline)</summary>"
@@ -350,8 +331,8 @@ def _operating_section(metrics: dict) -> str:
         if m["threshold"] is None or m["auroc"] is None:
             missing.append(name.replace("_", " "))
             continue
-        rows.append([_e(name.replace("_", " ")), _num(m["threshold"], 3), _pct(m["sensitivity"]), _pct(m["specificity"]),
-                     _pct(m["ppv"]), _pct(m["npv"]), _num(m["f1"]), f"{m['tp']} / {m['fn']}", f"{m['fp']} / {m['tn']}"])
+        rows.append([_e(name.replace("_", " ")), number(m["threshold"], 3), percent(m["sensitivity"]), percent(m["specificity"]),
+                     percent(m["ppv"]), percent(m["npv"]), number(m["f1"]), f"{m['tp']} / {m['fn']}", f"{m['fp']} / {m['tn']}"])
     left_out = (f" Not shown ({len(missing)}): {_e(', '.join(missing))} — no threshold can be chosen or judged "
                 "without positive and negative images in validation and test." if missing else "")
     rule = metrics["operating_point"]["rule"]
@@ -369,7 +350,7 @@ def _operating_section(metrics: dict) -> str:
 def _calibration_section(metrics: dict, eval_dir: Path) -> str | None:
     if "calibration" not in metrics.get("figures", {}):
         return None
-    rows = [[_e(n.replace("_", " ")), _num(m["ece"], 3)] for n, m in metrics["per_finding"].items() if m["auroc"] is not None]
+    rows = [[_e(n.replace("_", " ")), number(m["ece"], 3)] for n, m in metrics["per_finding"].items() if m["auroc"] is not None]
     return _section("calibration", "Calibration",
                     "Does a predicted 30% mean the finding is present about 30% of the time? Points on the diagonal "
                     "are well calibrated; above it the model under-states risk, below it over-states. ECE is the "
@@ -384,7 +365,7 @@ def _robustness_section(metrics: dict, eval_dir: Path) -> str | None:
         return None
     table = pd.read_csv(path)
     wide = table.pivot_table(index="perturbation", columns="level", values="mean_auroc", sort=False)
-    rows = [[_e(p), *[_num(v) for v in wide.loc[p]]] for p in wide.index]
+    rows = [[_e(p), *[number(v) for v in wide.loc[p]]] for p in wide.index]
     return _section("robustness", "Robustness to image quality",
                     "The test images were degraded on purpose (noise, contrast, brightness, blur, rotation, JPEG "
                     "compression, lower resolution), each at four growing strengths. A robust model's mean AUROC "
@@ -405,8 +386,8 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
     def gap(r) -> str:
         if math.isnan(r.gap):
             return "—"
-        interval = "" if math.isnan(getattr(r, "gap_ci_low", math.nan)) else f" [{r.gap_ci_low:+.2f}, {r.gap_ci_high:+.2f}]"
-        return f"{r.gap:+.2f}{interval}"
+        ci = "" if math.isnan(getattr(r, "gap_ci_low", math.nan)) else f" [{r.gap_ci_low:+.2f}, {r.gap_ci_high:+.2f}]"
+        return f"{r.gap:+.2f}{ci}"
 
     versus = [c[len("vs_"):] for c in table.columns if c.startswith("vs_") and not c.endswith(("_ci_low", "_ci_high"))]
 
@@ -417,7 +398,7 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
             out.append("—" if math.isnan(diff) else f"{diff:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]"))
         return out
 
-    rows = [[_e(r.attribute), _e(r.group), f"{r.n_images} / {r.n_patients}", _num(r.auroc), _ci(r.ci_low, r.ci_high),
+    rows = [[_e(r.attribute), _e(r.group), f"{r.n_images} / {r.n_patients}", number(r.auroc), interval(r.ci_low, r.ci_high),
              _interval_bar(None if math.isnan(r.auroc) else r.auroc, None if math.isnan(r.ci_low) else r.ci_low,
                            None if math.isnan(r.ci_high) else r.ci_high),
              gap(r), *against(r)] for r in means.itertuples()]
@@ -430,16 +411,16 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
                    numeric={2, 3, 4, 6, *range(7, 7 + len(versus))})
     detail = table[(table["finding"] != "mean") & table["auroc"].notna()]
     if len(detail):
-        rows = [[_e(r.attribute), _e(r.group), _e(r.finding.replace("_", " ")), str(r.n_positive), _num(r.auroc),
-                 _ci(r.ci_low, r.ci_high), f"{r.gap:+.2f}"] for r in detail.itertuples()]
+        rows = [[_e(r.attribute), _e(r.group), _e(r.finding.replace("_", " ")), str(r.n_positive), number(r.auroc),
+                 interval(r.ci_low, r.ci_high), f"{r.gap:+.2f}"] for r in detail.itertuples()]
         body += ("<details><summary>Per-finding AUROC by subgroup</summary>"
                  + _table(["attribute", "group", "finding", "positives", "AUROC", "95% CI", "gap"], rows, numeric={3, 4, 5, 6})
                  + "</details>")
     shift = metrics.get("view_shift")
     if shift:
         views = [v for v in ("PA", "AP") if v in shift]
-        text = "; ".join(f"{v}-only test images: mean AUROC {_num(shift[v]['mean_auroc'])} "
-                         f"({_ci(shift[v]['ci_low'], shift[v]['ci_high'])}, n={shift[v]['n_images']})" for v in views)
+        text = "; ".join(f"{v}-only test images: mean AUROC {number(shift[v]['mean_auroc'])} "
+                         f"({interval(shift[v]['ci_low'], shift[v]['ci_high'])}, n={shift[v]['n_images']})" for v in views)
         body += f"<h3>View shift</h3><p>{text}.</p><p class=\"note\">{_e(shift['note'])}</p>"
     return _section("subgroups", "Subgroups: sex, age and view",
                     "The same model scored on parts of the test set. A group whose interval lies clearly below the "
@@ -448,17 +429,17 @@ def _subgroup_section(metrics: dict, eval_dir: Path) -> str | None:
 
 
 def _explain_section(run: RunDir) -> str | None:
-    out = run.root / "explain"
-    pointing, gallery_csv = _read_json(out / "pointing.json"), out / "gallery.csv"
+    out = run.explain
+    pointing, gallery_csv = _read_json(run.explain_pointing), out / "gallery.csv"
     if not pointing and not gallery_csv.exists():
         return None
     body = ""
     if pointing:
         body += (f"<h3>Pointing game</h3><p>On {pointing['n']} boxed findings in held-out images, the heatmap's "
-                 f"strongest point fell inside the radiologist's box <b>{_pct(pointing['hit_rate'])}</b> of the time; "
-                 f"a randomly placed point would have hit {_pct(pointing['baseline'])}. Allowing a margin of "
+                 f"strongest point fell inside the radiologist's box <b>{percent(pointing['hit_rate'])}</b> of the time; "
+                 f"a randomly placed point would have hit {percent(pointing['baseline'])}. Allowing a margin of "
                  f"{100 * pointing['tolerance']:.1f}% of the image side (the original definition's 15 pixels at 224): "
-                 f"{_pct(pointing['hit_rate_tolerant'])} against {_pct(pointing['baseline_tolerant'])}.</p>")
+                 f"{percent(pointing['hit_rate_tolerant'])} against {percent(pointing['baseline_tolerant'])}.</p>")
         if (out / "pointing.png").exists():
             body += _image(out / "pointing.png", "pointing game")
     if gallery_csv.exists():
@@ -489,7 +470,7 @@ def _external_section(metrics: dict | None, externals: dict[str, dict], flags: l
     def cell(figure: dict | None) -> str:
         if not figure or figure.get("auroc") is None:
             return "—"
-        return f"<b>{_num(figure['auroc'])}</b> [{_ci(figure.get('ci_low'), figure.get('ci_high'))}]"
+        return f"<b>{number(figure['auroc'])}</b> [{interval(figure.get('ci_low'), figure.get('ci_high'))}]"
 
     rows = [["images / patients", *[f"{m['n_images']:,} / {m['n_patients']:,}" for m in sets.values()]],
             ["mean AUROC [95% CI]", *[cell(m["mean"]) for m in sets.values()]]]
@@ -511,13 +492,13 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
     cards = []
     if metrics:
         mean = metrics["mean"]
-        cards.append(("mean AUROC (test)", _num(mean["auroc"]), f"95% CI {_ci(mean['ci_low'], mean['ci_high'])}, "
+        cards.append(("mean AUROC (test)", number(mean["auroc"]), f"95% CI {interval(mean['ci_low'], mean['ci_high'])}, "
                       f"{len(mean['findings'])} findings"))
         cards.append(("test set", f"{metrics['n_images']:,}", f"images of {metrics['n_patients']:,} patients"))
         cards.append(("model", _e(metrics.get("backbone") or "?"), f"{metrics.get('image_size')}×{metrics.get('image_size')} pixels"))
-    pointing = _read_json(run.root / "explain" / "pointing.json")
+    pointing = _read_json(run.explain_pointing)
     if pointing:
-        cards.append(("pointing game", _pct(pointing["hit_rate"]), f"random point: {_pct(pointing['baseline'])}"))
+        cards.append(("pointing game", percent(pointing["hit_rate"]), f"random point: {percent(pointing['baseline'])}"))
     summary = _read_json(run.validation / "summary.json")
     if summary and summary.get("suites"):
         top = overall(summary)
@@ -543,15 +524,14 @@ NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "tra
               "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "explanations": "Grad-CAM"}
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run: RunDir) -> Path:
     """Write ``<run>/report.html`` from whatever stages the run has completed; returns its path."""
-    run = RunDir(run_dir)
     if not run.root.is_dir():
         raise FileNotFoundError(f"run directory {run.root} does not exist")
-    metrics = _read_json(run.eval / "metrics.json")
+    metrics = _read_json(run.eval_metrics)
     with tempfile.TemporaryDirectory() as scratch:  # the training figure lives only inside the page
         training = _training_section(run, Path(scratch))
-    externals = external_metrics(run.root)
+    externals = external_metrics(run)
     flags = [w for name, m in externals.items() if (w := below_internal(name, m, metrics))]
     sections = [_glance(metrics, run, flags), _data_section(run), _splits_section(run), training]
     if metrics:
@@ -577,8 +557,4 @@ def write_report(run_dir: Path) -> Path:
 <footer>Research software: these figures describe a model on this data set and are not a clinical validation.</footer>
 </body></html>
 """
-    path = run.root / REPORT_FILE
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(run.report, page)

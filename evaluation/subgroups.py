@@ -16,6 +16,7 @@ import pandas as pd
 from evaluation.bootstrap import mean_replicates, paired_auroc_replicates, percentile_interval
 from evaluation.metrics import auroc, nan_to_none
 from pipelines.errors import UserInputError
+from pipelines.formatting import estimate, number
 
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, "60+"))
 DEFAULT_COLUMNS = ("sex", "age_band", "view", "cohort")
@@ -153,7 +154,7 @@ def below_overall(table: pd.DataFrame, overall_mean: float | None) -> list[str]:
         return []
     means = table[(table["finding"] == MEAN) & table["ci_high"].notna()]
     return [f"On {r.attribute} {r.group} ({r.n_images} images, {r.n_patients} patients) the model's mean AUROC is "
-            f"{r.auroc:.2f} [{r.ci_low:.2f}-{r.ci_high:.2f}], well below {overall_mean:.2f} overall"
+            f"{estimate(r.auroc, r.ci_low, r.ci_high)}, well below {number(overall_mean)} overall"
             for r in means.itertuples() if r.ci_high < overall_mean]
 
 
@@ -167,5 +168,5 @@ def not_beating_baselines(table: pd.DataFrame, baselines: list[str], words: dict
             low = getattr(r, f"vs_{b}_ci_low")
             if math.isnan(low) or low <= 0:
                 out.append(f"On {r.attribute} {r.group} ({r.n_images} images) the model is not shown to beat {words.get(b, b)} "
-                           f"(mean AUROC {r.auroc:.2f} vs {getattr(r, f'baseline_{b}'):.2f})")
+                           f"(mean AUROC {number(r.auroc)} vs {number(getattr(r, f'baseline_{b}'))})")
     return out

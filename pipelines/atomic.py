@@ -20,17 +20,31 @@ STAGING_MARK = ".staging-"
 RETIRED_MARK = ".retired-"
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and one rename."""
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write the new file to (any writer: ``to_parquet``,
+    ``copyfile``, ...); when the block ends normally it replaces ``path`` by one rename, when it
+    raises the temporary file is removed and ``path`` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
+    except OSError as err:
+        if err.filename is not None and Path(err.filename) == tmp:  # name the file the user asked for
+            err.filename, err.filename2 = str(path), None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        if tmp.exists():  # (unlinking a missing file on a read-only file system fails, hiding the first error)
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and one rename."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: Path, value: Any) -> Path:

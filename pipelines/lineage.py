@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.atomic import write_json
+from pipelines.atomic import staged_file, write_json
 from pipelines.manifest import ContractError, read_table
 from pipelines.rundir import RunDir
 
@@ -48,17 +48,11 @@ def fingerprint(table: pd.DataFrame) -> str:
 def write_parquet(table: pd.DataFrame, path: Path, made_from: dict[str, str] | None = None) -> None:
     """Write ``table`` atomically, recording ``made_from`` in the file's own metadata (so the
     record can never be separated from the data it describes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     if made_from:
         arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), METADATA_KEY: json.dumps(made_from).encode()})
-    tmp = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_file(path) as tmp:
         pq.write_table(arrow, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def recorded_made_from(path: Path) -> dict[str, str] | None:

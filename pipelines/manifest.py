@@ -1,4 +1,4 @@
-"""The manifest and quarantine tables of the data contract (see DESIGN.md), and their I/O."""
+"""The manifest and quarantine tables of the data contract (the README's run-directory table; docs/architecture.md), and their I/O."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.atomic import staged_file
 from pipelines.errors import CxrError
 from pipelines.labels import FINDINGS
 
@@ -73,11 +74,8 @@ def read_table(path: Path, what: str, hint: str) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write atomically, so an interrupted stage never leaves half a table behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def replace_stage_quarantine(path: Path, stage: str, rows: pd.DataFrame) -> pd.DataFrame:

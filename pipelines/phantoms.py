@@ -10,7 +10,6 @@ one used to draw, so box sizes convert back to millimetres.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import math
 from dataclasses import dataclass, field, replace
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS, POSITIVE, format_nih_labels
+from pipelines.sources.nih import BOX_HEADER
 
 # The findings a phantom can carry, in FINDINGS order.
 PLANTED: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")
@@ -32,9 +31,6 @@ NIH_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
 )
-BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
-# NIH's box file says "Infiltrate" where its label file (and FINDINGS) says "Infiltration".
-_BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
 _FOLLOW_UP_COUNTS = np.arange(1, 7)
 _FOLLOW_UP_P = np.array([0.45, 0.2, 0.12, 0.1, 0.07, 0.06])
@@ -526,27 +522,3 @@ def make_collection(out_dir: Path, n_patients: int = 60, image_size: int = 256, 
     boxes_csv.write_text(BOX_HEADER + "\n" + boxes_out.getvalue(), encoding="utf-8")
     cohorts_csv.write_text("Image Index,cohort\n" + "".join(f"{im.image_id},{im.cohort}\n" for im in planned), encoding="utf-8")
     return PhantomCollection(root, images_dir, labels_csv, boxes_csv, len(planned), n_patients, cohorts_csv)
-
-
-def read_boxes(boxes_csv: Path) -> pd.DataFrame:
-    """NIH's ``BBox_List_2017.csv`` (plain or .gz) or a phantom's, as columns
-    ``image_id, finding, x, y, w, h`` (pixels), finding names as in FINDINGS."""
-    path = Path(boxes_csv)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows or rows[0][:2] != ["Image Index", "Finding Label"]:
-        raise UserInputError(f"{path} is not an NIH box list: expected the header {BOX_HEADER!r}")
-    records = []
-    for number, row in enumerate(rows[1:], start=1):
-        if not any(cell.strip() for cell in row):
-            continue
-        finding = _BOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip()) if len(row) > 1 else ""
-        try:
-            x, y, w, h = (float(v) for v in row[2:6])
-        except ValueError:
-            raise UserInputError(f"{path} row {number}: expected image, finding, x, y, w, h; got {row}") from None
-        if finding not in FINDINGS:
-            raise UserInputError(f"{path} row {number}: unknown finding {finding!r}")
-        records.append((row[0].strip(), finding, x, y, w, h))
-    return pd.DataFrame(records, columns=["image_id", "finding", "x", "y", "w", "h"])

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from cxr.cli import main
-from pipelines.atomic import staged_dir, write_json
+from pipelines.atomic import staged_dir, staged_file, write_json
 from pipelines.lineage import SHARDS_LINEAGE, StaleOutputError, current_shards, current_splits, fingerprint, recorded_made_from
 from pipelines.phantoms import make_collection
 from pipelines.rundir import RunDir
@@ -57,6 +57,22 @@ def test_leftovers_of_a_killed_run_are_cleared_by_the_next(tmp_path):
     with staged_dir(target) as staging:
         (staging / "a").write_text("a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("error", [None, KeyboardInterrupt])
+def test_a_staged_file_replaces_the_target_only_when_complete(tmp_path, error):
+    target = tmp_path / "table.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(target)
+    try:
+        with staged_file(target) as tmp:
+            pd.DataFrame({"a": [1, 2]}).to_parquet(tmp)
+            assert len(pd.read_parquet(target)) == 1, "the old file stays readable while the new one is written"
+            if error:
+                raise error()
+    except KeyboardInterrupt:
+        pass
+    assert len(pd.read_parquet(target)) == (1 if error else 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["table.parquet"], "no temporary file is left behind"
 
 
 def test_write_json_replaces_in_one_step(tmp_path):

@@ -179,6 +179,7 @@ class FakeStages:
             (run.tune).mkdir(exist_ok=True)
             raise KeyboardInterrupt
         (run.tune / "best").mkdir(parents=True, exist_ok=True)
+        (run.tune / "best" / "model.json").write_text("{}")
         (run.tune / "results.csv").write_text("trial\n")
         return self._log("tune", resume=settings.resume, workers=base.workers)
 

@@ -146,7 +146,7 @@ def evaluated_run(phantom_run) -> Evaluated:
     if "evaluated" not in _BUILT:
         from evaluation import evaluate_run, explain_run
 
-        evaluation = evaluate_run(phantom_run.run.root, n_boot=200, seed=0)
-        explanation = explain_run(phantom_run.run.root, max_images=6, max_boxed=30)
+        evaluation = evaluate_run(phantom_run.run, n_boot=200, seed=0)
+        explanation = explain_run(phantom_run.run, max_images=6, max_boxed=30)
         _BUILT["evaluated"] = Evaluated(phantom_run, evaluation, explanation)
     return _BUILT["evaluated"]

@@ -35,7 +35,7 @@ def nih_run(tmp_path_factory):
 
 
 def test_nih_per_finding_auroc_with_patient_intervals(nih_run):
-    result = evaluate_run(nih_run.root, n_boot=200, robustness=False)
+    result = evaluate_run(nih_run, n_boot=200, robustness=False)
     per = result.metrics["per_finding"]
     assert list(per) == list(FINDINGS)
     assert result.metrics["n_patients"] < result.metrics["n_images"]  # several images per patient
@@ -46,9 +46,9 @@ def test_nih_per_finding_auroc_with_patient_intervals(nih_run):
 
 
 def test_nih_pointing_game_uses_the_1024_pixel_box_frame(nih_run):
-    if not (nih_run.root / "eval" / "metrics.json").exists():
-        evaluate_run(nih_run.root, n_boot=50, robustness=False)
-    result = explain_run(nih_run.root, max_images=3)
+    if not nih_run.eval_metrics.exists():
+        evaluate_run(nih_run, n_boot=50, robustness=False)
+    result = explain_run(nih_run, max_images=3)
     assert result.summary["n"] > 0 and result.summary["box_file"].endswith("BBox_List_2017.csv.gz")
     boxes = result.pointing
     # NIH boxes are in 1024 units; read as 512-pixel file units they would reach past the model's frame

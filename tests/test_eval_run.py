@@ -11,12 +11,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from evaluation import explain, format_predictions, predict_images
 from evaluation.explanations import box_frame_for, gallery_items
-from evaluation.inference import resolve_checkpoint
 from evaluation.operating_points import choose_threshold
 from evaluation.pointing import NIH_BOX_FRAME
 from pipelines.imaging import DecodeError
 from pipelines.labels import FINDINGS
-from pipelines.phantoms import read_boxes
+from pipelines.rundir import RunDir
+from pipelines.sources.nih import read_boxes
 from tests.conftest import NIH_CSV, NIH_IMAGES
 from tests.test_eval_fixtures import evaluated_run, phantom_run  # noqa: F401 - session fixtures
 
@@ -157,9 +157,9 @@ def test_predict_names_an_undecodable_file(phantom_run, tmp_path):
 
 
 def test_checkpoint_resolution(phantom_run, tmp_path):
-    assert resolve_checkpoint(phantom_run.run.root) == phantom_run.run.train / "best"
+    assert phantom_run.run.best_checkpoint() == phantom_run.run.train_best
     with pytest.raises(FileNotFoundError, match="cxr train"):
-        resolve_checkpoint(tmp_path)
+        RunDir(tmp_path).best_checkpoint()
 
 
 def test_box_frame_and_gallery_selection():

@@ -117,7 +117,7 @@ def test_external_set_is_scored_as_evaluate_scores_the_test_split(run, tmp_path,
     assert {f: m["threshold"] for f, m in metrics["per_finding"].items()} == {f: m["threshold"] for f, m in internal_metrics["per_finding"].items()}
 
     assert main(["report", "--run", str(run.root)]) == 0
-    report = (run.root / "report.html").read_text()
+    report = run.report.read_text()
     assert "External validation" in report and "clean" in report
 
 
@@ -212,7 +212,7 @@ def test_report_flags_an_external_set_whose_interval_lies_below_the_internal_fig
     folder.mkdir(parents=True)
     try:
         (folder / "metrics.json").write_text(json.dumps(low))
-        report = write_report(run.root).read_text()
+        report = write_report(run).read_text()
     finally:
         shutil.rmtree(folder.parent)
     sentence = below_internal("far-site", low, internal)

@@ -102,7 +102,7 @@ def run(tmp_path_factory) -> RunDir:
     images = run.root.parent / "images"
     write_images(images)
     run_eda(make_manifest(), images, run.eda, sample_size=8)
-    write_report(run.root)
+    write_report(run)
     return run
 
 
@@ -226,7 +226,7 @@ def test_data_docs_render_styled_offline_and_request_nothing(browser, run, tmp_p
 
 
 def test_report_and_eda_pages_request_nothing(browser, run, tmp_path):
-    probe, requests = open_offline(browser, run.root / "report.html", tmp_path / "profile-report")
+    probe, requests = open_offline(browser, run.report, tmp_path / "profile-report")
     assert requests == [] and probe["errors"] == []
     assert probe["headerBackground"] == "rgb(18, 53, 91)"  # the report's own inline stylesheet
     probe, requests = open_offline(browser, run.eda / "eda.html", tmp_path / "profile-eda")
@@ -238,7 +238,7 @@ def _text(page: Path) -> str:
 
 
 def test_report_says_the_three_levels_and_what_the_warnings_are(run, tmp_path):
-    text = _text(run.root / "report.html")
+    text = _text(run.report)
     assert "data validation failed" in text  # a record-level failure (a quarantined age) is a failure
     assert "splits passed with 6 warnings" in text and "manifest failed" in text
     assert "6 (finding, split) pairs have no positive image" in text and "change nothing" in text
@@ -251,7 +251,7 @@ def test_report_says_the_three_levels_and_what_the_warnings_are(run, tmp_path):
     only.validation.mkdir(parents=True, exist_ok=True)
     (only.validation / "summary.json").write_text(json.dumps(summary))
     write_table(manifest_frame(), only.manifest)
-    text = _text(write_report(only.root))
+    text = _text(write_report(only))
     assert ("data validation passed with 6 warnings 1 passed with warnings (1 suites). Warnings (flag-level, they "
             "change nothing): splits: 6 (finding, split) pairs have no positive image.") in text
     assert "issues" not in text

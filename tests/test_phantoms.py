@@ -15,12 +15,11 @@ from pipelines.phantoms import (
     PLANTED,
     Finding,
     make_collection,
-    read_boxes,
     render_phantom,
     sample_anatomy,
     sample_finding,
 )
-from pipelines.sources.nih import parse_nih
+from pipelines.sources.nih import parse_nih, read_boxes
 
 NIH_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
 

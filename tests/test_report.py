@@ -39,7 +39,7 @@ def report(evaluated_run):
                   "status": ["completed", "stopped early"], "epochs": [6, 2], "best_val_mean_auroc": [0.81, float("nan")],
                   "best_epoch": [5, None], "weakest_findings": ["Mass 0.52", ""], "error": ["", ""]}
                  ).to_csv(run.tune / "results.csv", index=False)
-    return write_report(run.root)
+    return write_report(run)
 
 
 def test_report_is_self_contained_with_key_sections(report):
@@ -56,7 +56,7 @@ def test_report_is_self_contained_with_key_sections(report):
 
 def test_report_without_evaluation_says_what_to_run(tmp_path):
     run = write_phantom_run(tmp_path / "run", n_patients=4, image_size=32)
-    text = write_report(run.root).read_text()
+    text = write_report(run).read_text()
     assert 'id="splits"' in text and 'id="pending"' in text and "cxr evaluate" in text
     assert 'id="discrimination"' not in text
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.rundir import RunDir
 from tests.train_fixtures import write_run
 from trainers import TrainConfig, fit
 
@@ -33,7 +34,7 @@ def test_workers_on_two_nodes_train_and_report(two_node_cluster, tmp_path):
     run = write_run(tmp_path / "run", n_train=48, n_val=16, image_size=32)
     cfg = TrainConfig(backbone="resnet18", weights="none", freeze="none", epochs=1, batch_size=8, workers=2,
                       placement_strategy="STRICT_SPREAD", shuffle_buffer=16)
-    result = fit(run, cfg)
+    result = fit(RunDir(run), cfg)
     row = result.metrics_history.iloc[-1]
     assert row["num_nodes"] == 2 and row["world_size"] == 2
     assert row["val_images"] == 16 and row["train_images"] == 48

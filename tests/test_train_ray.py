@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines.labels import FINDINGS
+from pipelines.rundir import RunDir
 from tests.train_fixtures import write_run
 from trainers import TrainConfig, fit, load_checkpoint, prepare_input
 from trainers.data import apply_uncertain, row_keys
@@ -22,7 +23,7 @@ TINY = dict(backbone="resnet18", weights="none", freeze="none", batch_size=8, lr
 
 def test_two_workers_train_report_auroc_and_write_the_checkpoint(ray_local, tmp_path):
     run = write_run(tmp_path / "run", n_train=64, n_val=30, image_size=32)
-    result = fit(run, TrainConfig(epochs=2, **TINY))
+    result = fit(RunDir(run), TrainConfig(epochs=2, **TINY))
 
     history = pd.read_csv(run / "train" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -50,7 +51,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_resampli
     run = write_run(tmp_path / "run", n_train=48, n_val=16, image_size=32, seed=1)
     marker = tmp_path / "worker-killed"
     cfg = TrainConfig(epochs=3, sampling="over", max_failures=1, fail_at_epoch=2, fail_marker=str(marker), **TINY)
-    result = fit(run, cfg)
+    result = fit(RunDir(run), cfg)
 
     assert marker.exists()  # the last worker did exit hard during epoch 2
     history = result.metrics_history
@@ -75,7 +76,7 @@ def test_patience_stops_training_when_validation_auroc_stops_improving(ray_local
         frame = pd.read_parquet(part)
         frame[list(FINDINGS)] = 0
         frame.to_parquet(part, index=False)
-    result = fit(run, TrainConfig(epochs=3, patience=1, **TINY))
+    result = fit(RunDir(run), TrainConfig(epochs=3, patience=1, **TINY))
     assert list(result.metrics_history["epoch"]) == [1]
     assert (run / "train" / "best" / "model.pt").exists()
 
@@ -83,7 +84,7 @@ def test_patience_stops_training_when_validation_auroc_stops_improving(ray_local
 def test_training_prints_one_line_per_epoch_as_it_ends(ray_local, tmp_path):
     run = write_run(tmp_path / "run", n_train=32, n_val=16, image_size=32)
     lines: list[str] = []
-    fit(run, TrainConfig(epochs=3, **TINY), echo=lines.append)
+    fit(RunDir(run), TrainConfig(epochs=3, **TINY), echo=lines.append)
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]  # one per epoch, nothing per batch
     assert all("train loss" in line and "val mean AUROC" in line and "img/s" in line and "elapsed" in line for line in lines)
     assert "(best)" in lines[0] and "left ~" in lines[0] and "left ~" not in lines[-1]

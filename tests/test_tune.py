@@ -10,6 +10,7 @@ import torch
 from ray import tune
 
 from pipelines.labels import FINDINGS
+from pipelines.rundir import RunDir
 from tests.train_fixtures import write_run
 from trainers import TrainConfig, load_checkpoint, prepare_input
 from tuning import default_space, load_space, run_search
@@ -24,7 +25,7 @@ BASE = dict(backbone="resnet18", weights="none", freeze="none", batch_size=8, wo
 def test_four_trial_search_writes_a_sorted_table_and_a_loadable_best(ray_local, tmp_path, capsys):
     run = write_run(tmp_path / "run", n_train=48, n_val=24, image_size=32)
     space = default_space(lr=(1e-3, 3e-3), sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",))
-    result = run_search(run, TrainConfig(**BASE), space, num_samples=1, asha=False)
+    result = run_search(RunDir(run), TrainConfig(**BASE), space, num_samples=1, asha=False)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]  # one line per finished trial
     assert all("best val mean AUROC" in line and "2/2 epochs" in line for line in progress)

@@ -6,7 +6,7 @@ worker processes, and must not pay for torch, torchvision and Ray Train to read 
 """
 from __future__ import annotations
 
-import importlib
+from pipelines.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "trainers.config",
@@ -20,10 +20,4 @@ _EXPORTS = {
     "prepare_input": "trainers.checkpoint",
     "WeightsUnavailableError": "trainers.weights",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'trainers' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

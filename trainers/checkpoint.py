@@ -25,11 +25,10 @@ from torch import nn
 from pipelines.errors import CxrError
 from pipelines.imaging import MAX_IMAGE_SIZE
 from pipelines.labels import FINDINGS
+from pipelines.rundir import INFO_FILE, MODEL_FILE  # the checkpoint files are part of the run-directory contract
 from trainers.inputs import standardize, to_unit
 from trainers.models import BACKBONES, IN_CHANNELS, INPUT_HANDLING, build_model
 
-MODEL_FILE = "model.pt"
-INFO_FILE = "model.json"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 FORMAT = "cxr-model/1"

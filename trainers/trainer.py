@@ -24,6 +24,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipelines.atomic import staged_file, write_json
 from pipelines.rundir import RunDir
 from pipelines.shards import read_stats
 from trainers.checkpoint import read_history
@@ -55,13 +56,12 @@ def _run_name(cfg: TrainConfig, stats: dict) -> str:
     return f"{cfg.backbone}-{cfg.fingerprint()}-{data}"
 
 
-def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
+def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
     calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``)."""
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
-    run = RunDir(run_dir)
     stats = read_stats(run.stats)
     image_size = int(stats["image_size"])
     if cfg.weights == "none" and cfg.effective_freeze != "none":
@@ -122,32 +122,30 @@ def _score(metrics: dict) -> tuple[float, float]:
     return (-math.inf if auroc is None or math.isnan(auroc) else auroc, -math.inf if loss is None or math.isnan(loss) else -loss)
 
 
-def write_outputs(result, run_dir: Path, cfg: TrainConfig) -> TrainResult:
+def write_outputs(result, run: RunDir, cfg: TrainConfig) -> TrainResult:
     """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json``."""
     if result.error is not None:
         raise result.error
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
-    out = RunDir(run_dir).train
-    out.mkdir(parents=True, exist_ok=True)
     with best_checkpoint.as_directory() as directory:
-        best_dir = publish_best(Path(directory), out / "best")
+        best_dir = publish_best(Path(directory), run.train_best)
     with result.checkpoint.as_directory() as directory:  # the latest carries every epoch's row
         history = pd.DataFrame(read_history(directory))
-    history.to_csv(out / "history.csv", index=False)
-    (out / "config.json").write_text(json.dumps(
-        {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze, "ray_path": result.path}, indent=2))
+    with staged_file(run.train_history) as tmp:
+        history.to_csv(tmp, index=False)
+    write_json(run.train_config, {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze, "ray_path": result.path})
     return TrainResult(best_dir, history, dict(best_metrics), result.path)
 
 
-def fit(run_dir: Path, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
+def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
         echo: Callable[[str], None] | None = None) -> TrainResult:
     """Train per ``cfg`` on ``<run>/shards`` on the connected Ray cluster; write ``<run>/train/``.
     ``echo`` gets one line per epoch as it ends (trainers/progress.py)."""
     if echo is None:
-        result = build_trainer(run_dir, cfg, storage_path, name).fit()
+        result = build_trainer(run, cfg, storage_path, name).fit()
     else:
         with printed_epochs(cfg.epochs, echo) as lines:
-            result = build_trainer(run_dir, cfg, storage_path, name, callbacks=[lines]).fit()
-    return write_outputs(result, run_dir, cfg)
+            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines]).fit()
+    return write_outputs(result, run, cfg)

@@ -12,6 +12,7 @@ import torch
 from torchvision import models
 
 from pipelines.errors import CxrError, UserInputError
+from pipelines.rundir import MODEL_FILE
 from trainers.models import BACKBONES
 
 OFFLINE_ENV = "CXR_OFFLINE"  # set to 1 to never try a download (air-gapped clusters, tests)
@@ -31,7 +32,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a file, or from a checkpoint directory's model.pt. Never unpickles code."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path} (pass a state_dict file, a checkpoint directory, 'imagenet' or 'none')")
     try:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.atomic import staged_file, write_text
+from pipelines.formatting import number
 from pipelines.labels import FINDINGS
 
 METRIC = "val_mean_auroc"
@@ -25,7 +27,7 @@ def weakest_findings(row: pd.Series, n: int = 3) -> str:
     """The ``n`` findings with the lowest validation AUROC at the trial's best epoch."""
     values = {f: row.get(AUROC_PREFIX + f) for f in FINDINGS}
     defined = sorted(((v, f) for f, v in values.items() if v is not None and not math.isnan(v)))
-    return ", ".join(f"{f} {v:.2f}" for v, f in defined[:n])
+    return ", ".join(f"{f} {number(v)}" for v, f in defined[:n])
 
 
 def results_table(grid, max_epochs: int) -> pd.DataFrame:
@@ -67,9 +69,10 @@ def results_table(grid, max_epochs: int) -> pd.DataFrame:
 def write_tables(table: pd.DataFrame, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv, markdown = out / "results.csv", out / "results.md"
-    table.to_csv(csv, index=False)
+    with staged_file(csv) as tmp:
+        table.to_csv(tmp, index=False)
     shown = table.drop(columns=["error"] if not table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
-    markdown.write_text("# Strategy search\n\nSorted by best validation mean AUROC (per-finding AUROC of the three weakest findings at that epoch).\n\n" + shown.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_text(markdown, "# Strategy search\n\nSorted by best validation mean AUROC (per-finding AUROC of the three weakest findings at that epoch).\n\n" + shown.to_markdown(index=False, floatfmt=".4g") + "\n")
     return csv, markdown
 
 

@@ -40,7 +40,7 @@ class SearchResult:
 
 def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
     """How many trials fit at once. On a CPU-only cluster one CPU stays free for Ray Data reads
-    (see DESIGN: with every CPU reserved the reads never start); GPUs may be fractional."""
+    (docs/architecture.md, known traps: with every CPU reserved the reads never start); GPUs may be fractional."""
     per_trial_cpu = cfg.workers * cfg.cpus_per_worker + TRIAL_DRIVER_CPU
     cpus = resources.get("CPU", 0.0)
     fits = math.floor((cpus - (0 if cfg.use_gpu else 1)) / per_trial_cpu + 1e-9)
@@ -65,7 +65,7 @@ def state_api_reachable() -> bool:
 
 
 def run_search(
-    run_dir: Path,
+    run: RunDir,
     base: TrainConfig,
     space: dict[str, Any],
     num_samples: int = 1,
@@ -76,7 +76,6 @@ def run_search(
     max_concurrent: int | None = None,
 ) -> SearchResult:
     """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster."""
-    run = RunDir(run_dir)
     out = run.tune
     storage = (out / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -124,7 +123,7 @@ def run_search(
     table = results_table(grid, base.epochs)
     csv, markdown = write_tables(table, out)
     curves = plot_curves(grid, out / "curves.png")
-    best_dir = _copy_best(grid, out / "best")
+    best_dir = _copy_best(grid, run.tune_best)
     return SearchResult(table, best_dir, csv, markdown, curves, int(table["epochs"].sum()) if len(table) else 0)
 
 

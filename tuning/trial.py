@@ -2,11 +2,10 @@
 the trial function builds and fits a TorchTrainer; metrics reach Tune through TuneReportCallback)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipelines.rundir import RunDir
 from trainers import TrainConfig, build_trainer
 
 
@@ -17,9 +16,11 @@ def trial_config(config: dict) -> TrainConfig:
 
 
 def run_trial(config: dict) -> None:
+    # The param space carries the run directory as a string (Tune records it in each trial's
+    # params.json); the trial wraps it back into the contract object once, here.
     cfg = trial_config(config)
     name = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(Path(config["run_dir"]), cfg, storage_path=config["train_storage"], name=name, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(RunDir(config["run_dir"]), cfg, storage_path=config["train_storage"], name=name, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
         raise result.error

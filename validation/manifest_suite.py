@@ -1,7 +1,7 @@
 """The manifest suite: the data contract of ``manifest.parquet`` as GX expectations.
 
 Type names follow what GX's pandas check compares, the column's scalar type: ``str`` for pandas
-string columns (``string`` fails, see DESIGN traps), ``int16``/``int32`` for nullable
+string columns (``string`` fails, see docs/architecture.md, known traps), ``int16``/``int32`` for nullable
 ``Int16``/``Int32`` (``Int16`` fails: GX compares ``Int16Dtype`` with the scalar type ``int16``).
 """
 from __future__ import annotations

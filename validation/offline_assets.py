@@ -35,6 +35,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.atomic import staged_file, write_text
+
 VENDOR_DIR = ("static", "vendor")  # under the site root
 REPO_VENDOR = Path(__file__).resolve().parent / "vendor"
 LOGO = "static/images/logo-long.png"  # GX copies it into every site (static/images)
@@ -152,10 +154,8 @@ def vendor_assets(site: Path) -> int:
         source, target = _asset_source(asset), vendor / asset.dest
         if target.is_file() and target.stat().st_size == source.stat().st_size:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        with staged_file(target) as tmp:
+            shutil.copyfile(source, tmp)
         copied += 1
     return copied
 
@@ -259,8 +259,6 @@ def localize_site(site: Path) -> LocalizeReport:
         if charts:
             report.charts.append(rel)
         if new != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(new, encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, new)
             report.rewritten += 1
     return report

@@ -15,6 +15,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipelines.atomic import write_json
 from pipelines.shards import SPLITS
 from validation.results import FAILED, PASSED, STATUSES, WARNINGS, ExpectationOutcome, SuiteResult, status_of, status_words, worst
 
@@ -134,11 +135,7 @@ def write_summary(results: list[SuiteResult], validation_dir: Path) -> Path:
     suites = json.loads(path.read_text()).get("suites", {}) if path.exists() else {}
     suites.update({r.suite: suite_summary(r) for r in results})
     summary = {**overall({"suites": suites}), "suites": suites}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return write_json(path, summary)
 
 
 def overall_line(summary: dict) -> str:

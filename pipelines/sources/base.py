@@ -63,6 +63,22 @@ def value_reject(number: int, column: str, problem: Problem, rec: dict, image_id
     return Reject(number, f"row {number}: {column} {problem.text}", rec, image_id, kind=problem.kind, column=column, value=rec.get(column), path=path)
 
 
+def first_reject(number: int, rec: dict, image_id: str | None, path: str | None,
+                 *checks: tuple[str, Problem | None]) -> Reject | None:
+    """The record's reject for the first ``(column, problem)`` that has a problem; None when every
+    value could be read (e.g. ``("Patient Age", age_problem), ("Follow-up #", study_problem)``)."""
+    for column, problem in checks:
+        if problem:
+            return value_reject(number, column, problem, rec, image_id, path=path)
+    return None
+
+
+def manifest_row(number: int, rec: dict, image_id: str | None, path: str | None, **columns) -> dict:
+    """One adapter output row: ``row`` (the label file's data row), ``image_id``, ``path``, the
+    manifest ``columns`` the source gives, and the raw ``record``."""
+    return {"row": number, "image_id": image_id, "path": path, **columns, "record": rec}
+
+
 def _decode(data: bytes, path: Path) -> str:
     """The label file's text. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped; text that
     is not UTF-8 (a Latin-1 or Windows-1252 export) is a table-level error naming the file, the

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.labels import CHEXPERT_TO_NIH, FINDINGS, NEGATIVE, POSITIVE, UNCERTAIN
-from pipelines.sources.base import STUDY_RANGE, ParsedSource, Reject, normalize_sex, parse_age, parse_whole_number, read_label_file, rows_frame, value_reject
+from pipelines.sources.base import STUDY_RANGE, ParsedSource, Reject, first_reject, manifest_row, normalize_sex, parse_age, parse_whole_number, read_label_file, rows_frame
 
 CHEXPERT_REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 _PATIENT = re.compile(r"(patient\d+)")
@@ -46,25 +46,11 @@ def parse_chexpert(csv_path: Path) -> ParsedSource:
         age, age_problem = parse_age(rec["Age"])
         study_match = _STUDY.search(path)
         study, study_problem = parse_whole_number(study_match.group(1), "study", STUDY_RANGE) if study_match else (None, None)
-        if age_problem or study_problem:
-            column, problem = ("Age", age_problem) if age_problem else ("Path", study_problem)
-            rejects.append(value_reject(number, column, problem, rec, path, path=path))
+        if reject := first_reject(number, rec, path, path, ("Age", age_problem), ("Path", study_problem)):
+            rejects.append(reject)
             continue
-        out.append(
-            {
-                "row": number,
-                "image_id": path,
-                "path": path,
-                "patient_id": patient.group(1),
-                "study": study,
-                "age": age,
-                "sex": normalize_sex(rec["Sex"]),
-                "view": _view(rec["Frontal/Lateral"], rec["AP/PA"]),
-                **values,
-                "source": "chexpert",
-                "record": rec,
-            }
-        )
+        out.append(manifest_row(number, rec, path, path, patient_id=patient.group(1), study=study, age=age, sex=normalize_sex(rec["Sex"]),
+                                view=_view(rec["Frontal/Lateral"], rec["AP/PA"]), **values, source="chexpert"))
     annotated = {CHEXPERT_TO_NIH[c] for c in label_columns}
     not_annotated = [f for f in FINDINGS if f not in annotated]
     parsed.notes = [f"CheXpert does not annotate {', '.join(not_annotated)}: recorded as 0"] if not_annotated else []

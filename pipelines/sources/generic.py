@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipelines.labels import FINDINGS, LABEL_VALUES
 from pipelines.manifest import OPTIONAL_COLUMNS, ContractError
-from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, parse_study, read_label_file, rows_frame, value_reject
+from pipelines.sources.base import ParsedSource, Reject, first_reject, manifest_row, normalize_sex, parse_age, parse_study, read_label_file, rows_frame
 
 GENERIC_REQUIRED = ("image_id", "path", "patient_id")
 OPTIONAL = ("study", "age", "sex", "view", "source", *OPTIONAL_COLUMNS)
@@ -61,26 +61,20 @@ def parse_manifest(csv_path: Path) -> ParsedSource:
             continue
         age, age_problem = parse_age(rec.get("age"))
         study, study_problem = parse_study(rec.get("study"))
-        if age_problem or study_problem:
-            column, problem = ("age", age_problem) if age_problem else ("study", study_problem)
-            rejects.append(value_reject(number, column, problem, rec, image_id, path=path))
+        if reject := first_reject(number, rec, image_id, path, ("age", age_problem), ("study", study_problem)):
+            rejects.append(reject)
             continue
-        out.append(
-            {
-                "row": number,
-                "image_id": image_id,
-                "path": path,
-                "patient_id": normalize("patient_id", rec["patient_id"]),
-                "study": study,
-                "age": age,
-                "sex": normalize_sex(rec.get("sex")),
-                "view": (rec.get("view") or "").strip().upper() or "UNKNOWN",
-                **values,
-                "source": (rec.get("source") or "").strip() or "manifest",
-                **{c: (rec.get(c) or "").strip() or None for c in optional},
-                "record": rec,
-            }
-        )
+        out.append(manifest_row(
+            number, rec, image_id, path,
+            patient_id=normalize("patient_id", rec["patient_id"]),
+            study=study,
+            age=age,
+            sex=normalize_sex(rec.get("sex")),
+            view=(rec.get("view") or "").strip().upper() or "UNKNOWN",
+            **values,
+            source=(rec.get("source") or "").strip() or "manifest",
+            **{c: (rec.get(c) or "").strip() or None for c in optional},
+        ))
     parsed.notes = notes
     parsed.rows = rows_frame(out, optional)
     return parsed

@@ -1,10 +1,21 @@
-"""NIH ChestX-ray14 ``Data_Entry_2017*.csv`` (any revision)."""
+"""NIH ChestX-ray14: its label file ``Data_Entry_2017*.csv`` (any revision) and its radiologist box
+list ``BBox_List_2017.csv``."""
 from __future__ import annotations
 
+import csv
+import gzip
 from pathlib import Path
 
-from pipelines.labels import UnknownLabelError, parse_nih_labels
-from pipelines.sources.base import ParsedSource, Reject, normalize_sex, parse_age, parse_study, read_label_file, rows_frame, value_reject
+import pandas as pd
+
+from pipelines.errors import UserInputError
+from pipelines.labels import FINDINGS, UnknownLabelError, parse_nih_labels
+from pipelines.sources.base import ParsedSource, Reject, first_reject, manifest_row, normalize_sex, parse_age, parse_study, read_label_file, rows_frame
+
+BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")  # beside the label file, as NIH ships them
+BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+# NIH's box file says "Infiltrate" where its label file (and FINDINGS) says "Infiltration".
+_BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
 NIH_REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 
@@ -30,25 +41,36 @@ def parse_nih(csv_path: Path) -> ParsedSource:
             continue
         age, age_problem = parse_age(rec["Patient Age"])
         study, study_problem = parse_study(rec["Follow-up #"])
-        if age_problem or study_problem:
-            column, problem = ("Patient Age", age_problem) if age_problem else ("Follow-up #", study_problem)
-            rejects.append(value_reject(number, column, problem, rec, image_id, path=image_id))
+        if reject := first_reject(number, rec, image_id, image_id, ("Patient Age", age_problem), ("Follow-up #", study_problem)):
+            rejects.append(reject)
             continue
         patient = normalize("patient_id", rec["Patient ID"])
-        out.append(
-            {
-                "row": number,
-                "image_id": image_id,
-                "path": image_id,
-                "patient_id": None if patient is None else nih_patient_id(patient),
-                "study": study,
-                "age": age,
-                "sex": normalize_sex(rec["Patient Gender"]),
-                "view": rec["View Position"].strip().upper() or "UNKNOWN",
-                **labels,
-                "source": "nih",
-                "record": rec,
-            }
-        )
+        out.append(manifest_row(number, rec, image_id, image_id, patient_id=None if patient is None else nih_patient_id(patient), study=study,
+                                age=age, sex=normalize_sex(rec["Patient Gender"]), view=rec["View Position"].strip().upper() or "UNKNOWN",
+                                **labels, source="nih"))
     parsed.rows = rows_frame(out)
     return parsed
+
+
+def read_boxes(boxes_csv: Path) -> pd.DataFrame:
+    """NIH's ``BBox_List_2017.csv`` (plain or .gz) or a phantom's, as columns
+    ``image_id, finding, x, y, w, h`` (pixels), finding names as in FINDINGS."""
+    path = Path(boxes_csv)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or rows[0][:2] != ["Image Index", "Finding Label"]:
+        raise UserInputError(f"{path} is not an NIH box list: expected the header {BOX_HEADER!r}")
+    records = []
+    for number, row in enumerate(rows[1:], start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        finding = _BOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip()) if len(row) > 1 else ""
+        try:
+            x, y, w, h = (float(v) for v in row[2:6])
+        except ValueError:
+            raise UserInputError(f"{path} row {number}: expected image, finding, x, y, w, h; got {row}") from None
+        if finding not in FINDINGS:
+            raise UserInputError(f"{path} row {number}: unknown finding {finding!r}")
+        records.append((row[0].strip(), finding, x, y, w, h))
+    return pd.DataFrame(records, columns=["image_id", "finding", "x", "y", "w", "h"])
