@@ -27,7 +27,7 @@ from pipelines.rundir import RunDir
 from pipelines.shards import read_stats
 from trainers.checkpoint import read_history
 from trainers.config import TrainConfig
-from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
+from trainers.data import Selection, materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
 from trainers.publish import publish_best
 from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
 from trainers.losses import class_weights
@@ -54,9 +54,11 @@ def _run_name(cfg: TrainConfig, stats: dict) -> str:
 
 
 def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, selection: Selection | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
-    calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``)."""
+    calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``). ``selection``: which
+    rows train and validate (default the run's train and val splits; a CV fold passes image ids)."""
+    rows = selection or Selection()
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
     run = RunDir(run_dir)
@@ -66,12 +68,12 @@ def build_trainer(run_dir: Path, cfg: TrainConfig, storage_path: str | None = No
         logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.freeze)
 
     init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
-    labels = train_label_matrix(run.shards, cfg.uncertain)
+    labels = train_label_matrix(run.shards, cfg.uncertain, rows.train)
     plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
 
-    train = tensor_dataset(run.shards, "train", image_size, cfg.uncertain)
-    parts = validation_parts(run.shards, image_size, cfg.uncertain, cfg.workers)
+    train = tensor_dataset(run.shards, rows.train, image_size, cfg.uncertain)
+    parts = validation_parts(run.shards, image_size, cfg.uncertain, cfg.workers, rows.val)
     datasets = {val_dataset_name(rank): part for rank, part in enumerate(parts)}
     memory = None
     if cfg.ingest == "memory":
@@ -120,14 +122,15 @@ def _score(metrics: dict) -> tuple[float, float]:
     return (-math.inf if auroc is None or math.isnan(auroc) else auroc, -math.inf if loss is None or math.isnan(loss) else -loss)
 
 
-def write_outputs(result, run_dir: Path, cfg: TrainConfig) -> TrainResult:
-    """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json``."""
+def write_outputs(result, run_dir: Path, cfg: TrainConfig, out: Path | None = None) -> TrainResult:
+    """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json`` in
+    ``out`` (default ``<run>/train``; a CV fold writes its own folder)."""
     if result.error is not None:
         raise result.error
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
-    out = RunDir(run_dir).train
+    out = Path(out) if out is not None else RunDir(run_dir).train
     out.mkdir(parents=True, exist_ok=True)
     with best_checkpoint.as_directory() as directory:
         best_dir = publish_best(Path(directory), out / "best")
