@@ -32,6 +32,7 @@ from pipelines.split import LeakageError, audit_leakage, split_patients
 
 ROLES = ("train", "val", "held_out")  # an image's part in one fold's run
 INNER_SEED_STRIDE = 1000  # the inner split of fold k is drawn with seed * stride + k
+FOLD_COLUMNS = ["fold", "image_id", "patient_id", "role"]
 
 
 @dataclass
@@ -41,7 +42,7 @@ class FoldPlan:
     folds: int
     seed: int
     val_frac: float
-    roles: pd.DataFrame  # fold, image_id, patient_id, role: every image once per fold
+    roles: pd.DataFrame  # fold (1..folds), image_id, patient_id, role: every image once per fold
     shortfalls: list[dict] = field(default_factory=list)  # {finding, positives, patients, folds_with_positives, folds}
 
     @property
@@ -56,7 +57,7 @@ class FoldPlan:
         return sorted(rows["image_id"].astype(str))
 
 
-def _check_folds(folds: int) -> None:
+def check_folds(folds: int) -> None:
     if not isinstance(folds, (int, np.integer)) or isinstance(folds, bool) or folds < 2:
         raise UserInputError(f"--folds must be an integer >= 2 (cross-validation needs a fold to hold out and one to train on), got {folds!r}")
 
@@ -71,10 +72,10 @@ def _patients(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def assign_folds(table: pd.DataFrame, folds: int, seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
-    """``image_id, patient_id, fold`` for every row of ``table`` (image_id, patient_id and the 14
+    """``image_id, patient_id, fold`` (1..``folds``) for every row of ``table`` (image_id, patient_id and the 14
     finding columns), and the findings whose positives could not reach every fold. See the module
     docstring for the algorithm; deterministic in ``seed``."""
-    _check_folds(folds)
+    check_folds(folds)
     table = _patients(table)
     positives = (table[list(FINDINGS)] == POSITIVE).astype(np.int64)
     per_patient = positives.groupby(table["patient_id"]).sum().sort_index()  # stable order: same seed, same folds
@@ -117,7 +118,7 @@ def assign_folds(table: pd.DataFrame, folds: int, seed: int = 0) -> tuple[pd.Dat
                                "folds_with_positives": reached, "folds": folds})
     fold_of_patient = dict(zip(ids, fold_of))
     assignment = pd.DataFrame({"image_id": table["image_id"].astype("string"), "patient_id": table["patient_id"].astype("string"),
-                               "fold": np.array([fold_of_patient[p] for p in table["patient_id"]], dtype=np.int64)})
+                               "fold": np.array([fold_of_patient[p] + 1 for p in table["patient_id"]], dtype=np.int64)})
     return assignment, shortfalls
 
 
@@ -125,13 +126,13 @@ def plan_folds(table: pd.DataFrame, folds: int, seed: int = 0, val_frac: float =
     """Folds over ``table`` (every image to score: image_id, patient_id, findings) and, for each
     fold, an inner validation split of ``val_frac`` of its training pool drawn by patient; audited
     (:func:`audit_folds`) before it is returned."""
-    _check_folds(folds)
+    check_folds(folds)
     if not isinstance(val_frac, (int, float)) or isinstance(val_frac, bool) or not 0 < val_frac < 1:
         raise UserInputError(f"--val-frac must be in (0, 1): each fold needs an inner validation split to choose its checkpoint, got {val_frac!r}")
     table = _patients(table)
     assignment, shortfalls = assign_folds(table, folds, seed)
     parts = []
-    for k in range(folds):
+    for k in range(1, folds + 1):
         held = assignment[assignment["fold"] == k]
         pool = table[~table["image_id"].isin(held["image_id"])]
         inner = split_patients(pool, test_frac=0.0, val_frac=val_frac, seed=seed * INNER_SEED_STRIDE + k).splits
@@ -153,11 +154,6 @@ def audit_folds(roles: pd.DataFrame, table: pd.DataFrame | None = None) -> None:
     unknown = sorted(set(roles["role"].astype(str)) - set(ROLES))
     if unknown:
         raise LeakageError(f"unknown fold role(s) {unknown}: expected {', '.join(ROLES)}")
-    held = roles[roles["role"] == "held_out"]
-    try:
-        audit_leakage(held.assign(split=held["fold"].astype(str)), table)
-    except LeakageError as err:
-        raise LeakageError(f"cross-validation folds: {err} (a 'split' here is the fold that holds an image out)") from None
     for k, part in roles.groupby("fold"):
         try:
             audit_leakage(part.assign(split=part["role"]), table)
@@ -165,3 +161,15 @@ def audit_folds(roles: pd.DataFrame, table: pd.DataFrame | None = None) -> None:
             raise LeakageError(f"cross-validation fold {k}: {err} (the 'splits' here are its roles {', '.join(ROLES)})") from None
         if not (part["role"] == "held_out").any():
             raise LeakageError(f"cross-validation fold {k} holds out no image")
+    held = roles[roles["role"] == "held_out"]
+    try:
+        audit_leakage(held.assign(split=held["fold"].astype(str)), table)
+    except LeakageError as err:
+        raise LeakageError(f"cross-validation folds: {err} (a 'split' here is the fold that holds an image out)") from None
+
+
+def read_fold_roles(path) -> pd.DataFrame:
+    """A plan's roles table as written to ``cv/folds.parquet``, audited again on reading."""
+    roles = pd.read_parquet(path, columns=FOLD_COLUMNS)
+    audit_folds(roles)
+    return roles

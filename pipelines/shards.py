@@ -90,6 +90,17 @@ def scan_rows(shards: Path, rows: Rows, columns: list[str], batch_size: int | No
     return dataset.scanner(columns=columns, filter=where, **({"batch_size": batch_size} if batch_size else {}))
 
 
+def every_row(shards: Path, columns: list[str]):
+    """``columns`` of every image in every split present, as one pandas frame (cross-validation
+    pools the splits)."""
+    import pandas as pd  # noqa: PLC0415
+
+    frames = [scan_rows(shards, s, columns).to_table().to_pandas() for s in SPLITS if split_dir(shards, s).is_dir()]
+    if not frames:
+        raise FileNotFoundError(f"no shards at {shards}: run `cxr preprocess` first")
+    return pd.concat(frames, ignore_index=True)
+
+
 def keep_ids(batch: dict, ids: frozenset[str]) -> dict:
     """The rows of a numpy batch whose ``image_id`` is in ``ids`` (a Ray Data ``map_batches`` step)."""
     keep = np.isin(np.asarray(batch["image_id"]).astype(str), list(ids))
