@@ -162,6 +162,14 @@ def _link(target: Path, root: Path, text: str) -> str:
     return f'<a href="{_e(os.path.relpath(target, root))}">{_e(text)}</a>'
 
 
+def _failures_box(lines: list[str], title: str | None = "Where the model fails") -> str:
+    """The red box of sentences saying where the model fails (nothing when there are none)."""
+    if not lines:
+        return ""
+    head = f"<h3>{_e(title)}</h3>" if title else ""
+    return f'<div class="failures">{head}<ul>' + "".join(f"<li>{_e(w)}.</li>" for w in lines) + "</ul></div>"
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -352,8 +360,7 @@ def _cv_section(run: RunDir) -> str | None:
             ["attribute", "group", "images / patients", "model", "95% CI", *[f"{_e(BASELINE_TITLES.get(n, n))} (model − it [CI])" for n in names]],
             rows, numeric=set(range(2, 5 + len(names))))
     failures = [*m.get("warnings", []), *[f"Not in every fold: {s}" for s in (m.get("spread") or {}).get("lines", [])]]
-    if failures:
-        body += '<div class="failures"><h3>Where the model fails</h3><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in failures) + "</ul></div>"
+    body += _failures_box(failures)
     body += ('<p class="note">Every image of the run (train, validation and test pooled) was scored once, by the model of the fold '
              "that held its patient out; each fold's model chose its checkpoint on an inner validation split of its own training "
              "patients. The baselines were fit and scored on the same folds. Intervals resample patients.</p>")
@@ -544,8 +551,7 @@ def _external_section(metrics: dict | None, externals: dict[str, dict], flags: l
     rows += [[_e(f.replace("_", " ")), *[cell(m["per_finding"].get(f)) for m in sets.values()]] for f in findings]
     body = _table(["", *[_e(n) for n in sets]], rows, numeric=set(range(1, len(sets) + 1)),
                   row_classes=["", "total", *[""] * len(findings)])
-    if flags:
-        body += '<div class="failures"><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in flags) + "</ul></div>"
+    body += _failures_box(flags, title=None)
     body += ('<p class="note">Each external set was ingested and validated with the run\'s own suites, checked to share no '
              "patient or image with the training and validation splits, preprocessed at the run's image size and scored "
              "with the run's thresholds (chosen on validation) and baselines (fit on training). Intervals resample patients.</p>")
@@ -578,8 +584,7 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
     if not cards:
         return ""
     failures = [*((metrics or {}).get("warnings") or []), *external_flags]
-    box = ('<div class="failures"><h3>Where the model fails</h3><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in failures)
-           + "</ul></div>") if failures else ""
+    box = _failures_box(failures)
     return '<section id="summary"><h2>At a glance</h2>' + box + '<div class="cards">' + "".join(
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div><div class="detail">{detail}</div></div>'
         for label, value, detail in cards) + "</div></section>"
