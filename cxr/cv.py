@@ -153,9 +153,12 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
 
     runs = run_folds(run.root, base, run.cv, folds, resume=resume, on_done=on_done, on_error=on_error, max_concurrent=max_concurrent)
     failed = [r for r in runs if r.error is not None]
-    if failed:
-        raise CVIncomplete(f"{len(failed)} of {folds} folds failed ({'; '.join(f'fold {r.fold}: {r.error}' for r in failed)}); "
-                           f"the {folds - len(failed)} finished fold(s) are kept in {run.cv / 'folds'}: resume to retry the failed ones")
+    unfinished = [r.fold for r in runs if r.error is None and not (r.out_dir / "best" / "model.json").is_file()]
+    if failed or unfinished:  # a failed trial, or an interrupted fit (Ctrl-C): keep what finished
+        what = [f"fold {r.fold} failed: {r.error}" for r in failed] + [f"fold {k} did not finish" for k in unfinished]
+        kept = folds - len(failed) - len(unfinished)
+        raise CVIncomplete(f"{len(what)} of {folds} folds are not done ({'; '.join(what)}); the {kept} finished fold(s) are kept "
+                           f"in {run.cv / 'folds'}: resume to continue (finished folds are not trained again)")
     frames = [pd.read_parquet(fold_dir(run.cv, k) / "predictions.parquet") if scored(k) else score(k) for k in range(1, folds + 1)]
     oof = pd.concat(frames, ignore_index=True)
     _check_oof(oof, plan)
