@@ -215,7 +215,7 @@ def results_markdown(metrics: dict, groups: pd.DataFrame | None) -> str:
                      if f["auroc"] is not None else f"| {name} | undefined | {f['note']} | {f['n_positive']} | {f['n_negative']} |")
     names = list(base)
     lines += ["", "## Per fold", "", "| fold | images | patients | mean AUROC | " + " | ".join(TITLES.get(n, n) for n in names)
-              + " | best epoch | inner-val mean AUROC | minutes |", "|---" * (7 + len(names)) + "|"]
+              + " | best epoch | inner-val mean AUROC | training minutes |", "|---" * (7 + len(names)) + "|"]
     for f in metrics["per_fold"]:
         seconds = f.get("seconds")
         lines.append(f"| {f['fold']} | {f['n_images']} | {f['n_patients']} | {_f(f['mean_auroc'])} | "
