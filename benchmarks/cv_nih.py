@@ -65,7 +65,7 @@ def _d(v) -> str:
 
 
 def _judge(diff_low) -> str:
-    return "beats it" if diff_low is not None and diff_low > 0 else "**not shown to beat it**"
+    return "beats it" if diff_low is not None and diff_low > 0 else "is **not shown to beat it**"
 
 
 def results_page(run: RunDir) -> str:
