@@ -41,6 +41,8 @@ VERBS = (
     Verb("train", "Ray Train: fine-tune a backbone on the shards, checkpoints in <run>/train", (TRAIN,)),
     Verb("tune", "Ray Tune: search sampling x loss x freeze x lr with ASHA; table in <run>/tune",
          (("train", "TrainConfig", STRATEGY_AXES), ("tune", "TuneSection", ()))),
+    Verb("cv", "patient-grouped k-fold cross-validation of the training recipe: folds as concurrent Ray Tune trials; <run>/cv",
+         (TRAIN, ("cv", "CvSection", ()))),
     Verb("evaluate", "test-split metrics with patient-bootstrap CIs beside two baselines, operating points, calibration, robustness, subgroups",
          (("evaluate", "EvaluateSection", ()),)),
     Verb("external", "external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME",
@@ -159,6 +161,8 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
         return run_demo(run, s["demo"])
     if name == "tune":
         return stages.tune_stage(run, s["tune"], s["train"])
+    if name == "cv":
+        return stages.cv_stage(run, s["cv"], s["train"])
     if name == "report":
         return stages.report_stage(run)
     if name == "explain":

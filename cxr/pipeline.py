@@ -155,7 +155,7 @@ def build_stages(config: Config) -> list[Stage]:
     if "cv" in on:
         cv = _stage_function("cv")
         table["cv"] = Stage("cv", {"cv": _section(config.cv), "trial_base": cfg.to_dict()},
-                            lambda run, r: cv(run, dataclasses.replace(config.cv, resume=r), cfg))
+                            lambda run, r: cv(run, dataclasses.replace(config.cv, resume=r and _can_resume_cv(run)), cfg))
     for name in ("evaluate", "explain"):
         if name in on:
             fn, section = _stage_function(name), getattr(config, name)
@@ -170,6 +170,12 @@ def build_stages(config: Config) -> list[Stage]:
         report = _stage_function("report")
         table["report"] = Stage("report", {}, lambda run, r: report(run))
     return [table[name] for name in STAGES if name in on]
+
+
+def _can_resume_cv(run: RunDir) -> bool:
+    from cxr.cv import can_resume
+
+    return can_resume(run)
 
 
 def _can_restore_search(run: RunDir) -> bool:

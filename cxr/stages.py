@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.settings import (
-    DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
+    CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
     ValidateSection,
 )
 from pipelines.atomic import staged_dir, write_json, write_text
@@ -490,6 +490,17 @@ def explain_stage(run: RunDir, settings: ExplainSection) -> str:
     _check_inputs(run, checkpoint)
     result = explain_run(run, checkpoint, max_images=settings.max_images)
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
+
+
+def cv_stage(run: RunDir, settings: CvSection, base: TrainConfig) -> str:
+    """Patient-grouped k-fold cross-validation of the training recipe ``base``: folds as concurrent
+    Ray Tune trials, pooled out-of-fold metrics beside cross-validated baselines, in ``<run>/cv``."""
+    from cxr.cv import cv_summary, run_cv
+
+    print(f"cv: {settings.folds} folds by patient of {base.backbone}, {base.epochs} epoch(s) each; one line per fold as it ends", flush=True)
+    result = run_cv(run, base, settings.folds, seed=base.seed, val_frac=settings.val_frac, resume=settings.resume,
+                    n_boot=settings.bootstrap, subgroups=settings.subgroups, progress=lambda line: print(f"  {line}", flush=True))
+    return cv_summary(result)
 
 
 def explain_images_stage(files: ExplainImages, settings: ExplainSection) -> str:

@@ -25,7 +25,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from evaluation.bootstrap import bootstrap_auroc, mean_replicates, percentile_interval
 from evaluation.metrics import auroc, nan_to_none
 from pipelines.labels import FINDINGS
-from pipelines.shards import IMAGE_COLUMN, images_from_column, split_dir
+from pipelines.shards import IMAGE_COLUMN, Rows, images_from_column, scan_rows
 
 METADATA = "metadata"
 IMAGE_STATISTICS = "image_statistics"
@@ -80,14 +80,12 @@ def thumbnails(images: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     return small.reshape(n, side * side) / 255.0
 
 
-def split_thumbnails(shards: Path, split: str, image_size: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """A split's ids and labels with each image's thumbnail, read batch by batch: the baseline needs
-    32x32 per image, so memory stays small however large the training split is."""
-    import pyarrow.dataset as pads  # noqa: PLC0415
-
-    dataset = pads.dataset(str(split_dir(shards, split)), format="parquet", partitioning=None)
+def split_thumbnails(shards: Path, rows: Rows, image_size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The ids and labels of ``rows`` (a split, or image ids from any split) with each image's
+    thumbnail, read batch by batch: the baseline needs 32x32 per image, so memory stays small
+    however large the training split is."""
     frames, small = [], []
-    for batch in dataset.to_batches(columns=["image_id", "patient_id", IMAGE_COLUMN, *FINDINGS], batch_size=256):
+    for batch in scan_rows(shards, rows, ["image_id", "patient_id", IMAGE_COLUMN, *FINDINGS], batch_size=256).to_batches():
         table = batch.to_pandas()
         small.append(thumbnails(images_from_column(table.pop(IMAGE_COLUMN).to_list(), image_size)))
         frames.append(table)

@@ -75,12 +75,10 @@ def _undefined_note(n_pos: int, n_neg: int) -> str | None:
     return None
 
 
-def finding_metrics(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarray, val_labels: np.ndarray,
-                    val_probs: np.ndarray, rule: str = "youden") -> dict:
-    """Every figure of one finding on test, its threshold chosen on validation."""
+def auroc_figures(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarray) -> dict:
+    """The threshold-free figures of one finding: AUROC with its bootstrap interval, AP, prevalence."""
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     ci = percentile_interval(replicates)
-    threshold = choose_threshold(val_labels, val_probs, rule)
     return {
         "auroc": nan_to_none(auroc(labels, probs)),
         "ci_low": nan_to_none(ci.low), "ci_high": nan_to_none(ci.high), "n_boot_valid": ci.n_valid,
@@ -88,12 +86,33 @@ def finding_metrics(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarra
         "prevalence": nan_to_none(prevalence(labels)),
         "n_positive": n_pos, "n_negative": n_neg,
         "note": _undefined_note(n_pos, n_neg),
+    }
+
+
+def finding_metrics(labels: np.ndarray, probs: np.ndarray, replicates: np.ndarray, val_labels: np.ndarray,
+                    val_probs: np.ndarray, rule: str = "youden") -> dict:
+    """Every figure of one finding on test, its threshold chosen on validation."""
+    threshold = choose_threshold(val_labels, val_probs, rule)
+    return {
+        **auroc_figures(labels, probs, replicates),
         **operating_metrics(labels, probs, threshold),
         "ece": nan_to_none(expected_calibration_error(labels, probs)),
     }
 
 
-def _with_meta(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
+def mean_figures(per_finding: dict, replicates: np.ndarray, findings: list[str]) -> dict:
+    """The mean over the findings whose AUROC is defined, with its interval from the same replicates."""
+    defined = [j for j, name in enumerate(findings) if per_finding[name]["auroc"] is not None]
+    mean_ci = percentile_interval(mean_replicates(replicates, defined))
+    return {
+        "auroc": nan_to_none(np.mean([per_finding[findings[j]]["auroc"] for j in defined]) if defined else math.nan),
+        "ci_low": nan_to_none(mean_ci.low), "ci_high": nan_to_none(mean_ci.high), "n_boot_valid": mean_ci.n_valid,
+        "ap": nan_to_none(np.mean([per_finding[findings[j]]["ap"] for j in defined]) if defined else math.nan),
+        "findings": [findings[j] for j in defined],
+    }
+
+
+def with_meta(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
     """Add the manifest's other columns (sex, age, view, cohort, ...: for subgroups and the
     metadata baseline), where the run has a manifest."""
     if not run.manifest.exists():
@@ -107,11 +126,11 @@ def _with_meta(frame: pd.DataFrame, run: RunDir) -> pd.DataFrame:
 def _baselines(run: RunDir, test: pd.DataFrame, test_images: np.ndarray, findings: list[str], size: int, seed: int) -> list[Baseline]:
     """Both baselines, fit on the run's train split and scored on ``test``."""
     train, train_thumbs = split_thumbnails(run.shards, "train", size)
-    train = _with_meta(train, run)
+    train = with_meta(train, run)
     return fit_baselines(train, train[findings].to_numpy(np.int8), train_thumbs, test, thumbnails(test_images), seed)
 
 
-def _warnings(mean: dict, comparisons: dict[str, dict], groups: pd.DataFrame | None) -> list[str]:
+def failure_lines(mean: dict, comparisons: dict[str, dict], groups: pd.DataFrame | None) -> list[str]:
     """Where the model fails, in words: subgroups well below the overall figure, and the strongest
     baseline when the model is not shown to beat it (overall; or, when it beats it overall, in
     each subgroup where it does not)."""
@@ -159,7 +178,7 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
     test, val = load_split(data, "test", size), load_split(run, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)
-    frame = _with_meta(prediction_frame(test, test_probs, findings), data)
+    frame = with_meta(prediction_frame(test, test_probs, findings), data)
     labels, val_labels = test.labels(findings), val.labels(findings)
     patients = frame["patient_id"].to_numpy()
     columns = subgroup_columns(frame, subgroups)
@@ -169,22 +188,15 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
     replicates = bootstrap_auroc(labels, test_probs, patients, n_boot, seed)
     per_finding = {name: finding_metrics(labels[:, j], test_probs[:, j], replicates[:, j], val_labels[:, j],
                                          val_probs[:, j], threshold_rule) for j, name in enumerate(findings)}
-    defined = [j for j, name in enumerate(findings) if per_finding[name]["auroc"] is not None]
-    mean_ci = percentile_interval(mean_replicates(replicates, defined))
-    mean = {
-        "auroc": nan_to_none(np.mean([per_finding[findings[j]]["auroc"] for j in defined]) if defined else math.nan),
-        "ci_low": nan_to_none(mean_ci.low), "ci_high": nan_to_none(mean_ci.high), "n_boot_valid": mean_ci.n_valid,
-        "ap": nan_to_none(np.mean([per_finding[findings[j]]["ap"] for j in defined]) if defined else math.nan),
-        "findings": [findings[j] for j in defined],
-    }
+    mean = mean_figures(per_finding, replicates, findings)
 
     # Built in a staging folder and swapped in whole: an interrupted evaluation leaves the last
     # complete eval/ (which explain and report read), never a mix of two.
     with staged_dir(data.eval) as out:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         frame.to_parquet(out / data.eval_predictions.name, index=False)
-        _with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
-        shown = [findings[j] for j in defined]
+        with_meta(prediction_frame(val, val_probs, findings), run).to_parquet(out / "val_predictions.parquet", index=False)
+        shown = mean["findings"]
         made: dict[str, Path] = {}
         if shown:
             made["roc"] = figures.roc_grid(frame, shown, per_finding, out / "figures" / "roc.png")
@@ -221,7 +233,7 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
             "view_shift": _view_shift(groups),
             "baselines": comparisons,
             "subgroups": subgroups_json(groups, [b.name for b in baselines]) if groups is not None else {},
-            "warnings": _warnings(mean, comparisons, groups),
+            "warnings": failure_lines(mean, comparisons, groups),
             "files": {"predictions": data.eval_predictions.name, "val_predictions": "val_predictions.parquet",
                       **({"robustness": "robustness.csv"} if robust is not None else {}),
                       **({"subgroups": "subgroups.csv"} if groups is not None else {})},

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 import torch
 from torch import nn
 
 from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
-from pipelines.shards import IMAGE_COLUMN, images_from_column, split_dir
+from pipelines.shards import IMAGE_COLUMN, Rows, describe_rows, images_from_column, scan_rows
 
 BATCH_SIZE = 64
 
@@ -40,14 +39,18 @@ class SplitData:
 
 def load_split(run: RunDir, split: str, image_size: int) -> SplitData:
     """Read a split's shards (pixels, ids, labels) into memory, sorted by image_id."""
-    path = split_dir(run.shards, split)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no shards for split {split!r} at {path}: run `cxr preprocess` first")
+    return load_rows(run, split, image_size)
+
+
+def load_rows(run: RunDir, rows: Rows, image_size: int) -> SplitData:
+    """Read ``rows`` of the shards (a split's name, or image ids from any split: a CV fold's
+    held-out images) into memory, sorted by image_id."""
+    shards = run.shards
     columns = ["image_id", "patient_id", IMAGE_COLUMN, *FINDINGS]
-    table = pads.dataset(str(path), format="parquet", partitioning=None).to_table(columns=columns)
-    frame = table.to_pandas().sort_values("image_id", kind="mergesort").reset_index(drop=True)
+    frame = scan_rows(shards, rows, columns).to_table().to_pandas()
+    frame = frame.sort_values("image_id", kind="mergesort").reset_index(drop=True)
     if frame.empty:
-        raise UserInputError(f"the {split} split under {path} is empty")
+        raise UserInputError(f"{describe_rows(rows)} under {shards}: no image found")
     size_found = int(round(np.sqrt(len(frame[IMAGE_COLUMN].iat[0]))))
     if size_found != image_size:
         raise UserInputError(f"the shards hold {size_found}x{size_found} images but the checkpoint expects "

@@ -147,6 +147,14 @@ def _link(target: Path, root: Path, text: str) -> str:
     return f'<a href="{_e(os.path.relpath(target, root))}">{_e(text)}</a>'
 
 
+def _failures_box(lines: list[str], title: str | None = "Where the model fails") -> str:
+    """The red box of sentences saying where the model fails (nothing when there are none)."""
+    if not lines:
+        return ""
+    head = f"<h3>{_e(title)}</h3>" if title else ""
+    return f'<div class="failures">{head}<ul>' + "".join(f"<li>{_e(w)}.</li>" for w in lines) + "</ul></div>"
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -294,6 +302,52 @@ def _discrimination_section(metrics: dict, eval_dir: Path) -> str:
 
 
 BASELINE_TITLES = {"metadata": "metadata only (age, sex, view)", "image_statistics": "image statistics (32×32 thumbnail, PCA 64)"}
+
+
+def _cv_section(run: RunDir) -> str | None:
+    """Cross-validation (``cxr cv``): pooled out-of-fold AUROC with its interval, per fold, the
+    cross-validated baselines, per cohort and subgroup beside them, and in words where it fails."""
+    m = _read_json(run.cv / "metrics.json")
+    if not m:
+        return None
+    mean, spread, baselines = m["mean"], m["fold_mean_auroc"], m.get("baselines") or {}
+    sd = f" ± {spread['sd']:.2f}" if spread.get("sd") is not None else ""
+    body = (f"<p>Pooled out-of-fold mean AUROC <b>{number(mean['auroc'])}</b> (95% CI {interval(mean['ci_low'], mean['ci_high'])}) over "
+            f"{m['n_images']:,} images of {m['n_patients']:,} patients in {m['folds']} folds by patient; per fold "
+            f"{number(spread['mean'])}{sd} (mean ± sd).</p>")
+    rows = [[f"<b>the model</b>", f"<b>{number(mean['auroc'])}</b>", interval(mean["ci_low"], mean["ci_high"]), f"{number(spread['mean'])}{sd}", "", ""]]
+    for name, b in baselines.items():
+        beaten = b["diff_ci_low"] is not None and b["diff_ci_low"] > 0
+        per = b.get("per_fold") or {}
+        rows.append([_e(BASELINE_TITLES.get(name, name)), number(b["mean_auroc"]), interval(b["ci_low"], b["ci_high"]),
+                     number(per.get("mean")) + (f" ± {per['sd']:.2f}" if per.get("sd") is not None else ""),
+                     f"{signed(b['diff'])} [{signed(b['diff_ci_low'])}, {signed(b['diff_ci_high'])}]",
+                     _badge(beaten, "beaten", "not shown to beat")])
+    body += _table(["", "pooled mean AUROC", "95% CI", "per fold", "model − baseline [paired 95% CI]", ""], rows, numeric={1, 2, 3, 4})
+    names = list(baselines)
+    folds = [[str(f["fold"]), f"{f['n_images']} / {f['n_patients']}", number(f["mean_auroc"]),
+              *[number(f["baselines"].get(n)) for n in names], str(f.get("best_epoch", "—"))] for f in m["per_fold"]]
+    body += "<h3>Per fold</h3>" + _table(["fold", "held-out images / patients", "model", *[_e(BASELINE_TITLES.get(n, n)) for n in names],
+                                          "best epoch"], folds, numeric=set(range(1, 4 + len(names))))
+    groups = [(column, value, g) for column, values in (m.get("subgroups") or {}).items() for value, g in values.items()]
+    if groups:
+        def versus(g: dict, n: str) -> str:
+            b = (g.get("baselines") or {}).get(n) or {}
+            return f"{number(b.get('auroc'))} ({signed(b.get('diff'))} [{signed(b.get('diff_ci_low'))}, {signed(b.get('diff_ci_high'))}])"
+
+        rows = [[_e(column), _e(value), f"{g['n_images']} / {g['n_patients']}", number(g["mean_auroc"]), interval(g["ci_low"], g["ci_high"]),
+                 *[versus(g, n) for n in names]] for column, value, g in groups]
+        body += "<h3>By cohort and subgroup</h3>" + _table(
+            ["attribute", "group", "images / patients", "model", "95% CI", *[f"{_e(BASELINE_TITLES.get(n, n))} (model − it [CI])" for n in names]],
+            rows, numeric=set(range(2, 5 + len(names))))
+    failures = [*m.get("warnings", []), *[f"Not in every fold: {s}" for s in (m.get("spread") or {}).get("lines", [])]]
+    body += _failures_box(failures)
+    body += ('<p class="note">Every image of the run (train, validation and test pooled) was scored once, by the model of the fold '
+             "that held its patient out; each fold's model chose its checkpoint on an inner validation split of its own training "
+             "patients. The baselines were fit and scored on the same folds. Intervals resample patients.</p>")
+    return _section("cv", "Cross-validation: the training recipe on every patient",
+                    "One test split of a small collection is noisy. Cross-validation trains the same recipe once per fold and "
+                    "scores every patient exactly once, by a model that never saw them.", body)
 
 
 def _baseline_section(metrics: dict) -> str | None:
@@ -478,8 +532,7 @@ def _external_section(metrics: dict | None, externals: dict[str, dict], flags: l
     rows += [[_e(f.replace("_", " ")), *[cell(m["per_finding"].get(f)) for m in sets.values()]] for f in findings]
     body = _table(["", *[_e(n) for n in sets]], rows, numeric=set(range(1, len(sets) + 1)),
                   row_classes=["", "total", *[""] * len(findings)])
-    if flags:
-        body += '<div class="failures"><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in flags) + "</ul></div>"
+    body += _failures_box(flags, title=None)
     body += ('<p class="note">Each external set was ingested and validated with the run\'s own suites, checked to share no '
              "patient or image with the training and validation splits, preprocessed at the run's image size and scored "
              "with the run's thresholds (chosen on validation) and baselines (fit on training). Intervals resample patients.</p>")
@@ -512,8 +565,7 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
     if not cards:
         return ""
     failures = [*((metrics or {}).get("warnings") or []), *external_flags]
-    box = ('<div class="failures"><h3>Where the model fails</h3><ul>' + "".join(f"<li>{_e(w)}.</li>" for w in failures)
-           + "</ul></div>") if failures else ""
+    box = _failures_box(failures)
     return '<section id="summary"><h2>At a glance</h2>' + box + '<div class="cards">' + "".join(
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div><div class="detail">{detail}</div></div>'
         for label, value, detail in cards) + "</div></section>"
@@ -521,7 +573,8 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
 
 NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "training": "Training",
               "discrimination": "AUROC", "baselines": "Baselines", "operating-points": "Operating points", "calibration": "Calibration",
-              "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "explanations": "Grad-CAM"}
+              "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "cv": "Cross-validation",
+              "explanations": "Grad-CAM"}
 
 
 def write_report(run: RunDir) -> Path:
@@ -539,6 +592,7 @@ def write_report(run: RunDir) -> Path:
                      _calibration_section(metrics, run.eval), _robustness_section(metrics, run.eval),
                      _subgroup_section(metrics, run.eval)]
     sections.append(_external_section(metrics, externals, flags))
+    sections.append(_cv_section(run))
     sections.append(_explain_section(run))
     sections = [s for s in sections if s]
     present = [key for key in NAV_TITLES if f'<section id="{key}"' in "".join(sections)]

@@ -306,7 +306,7 @@ def test_a_cohort_where_the_model_is_random_is_named():
 def test_the_summary_and_the_report_name_the_failing_cohort(tmp_path):
     """Good on cohort A, random on cohort B; a metadata baseline the model beats overall but not on B."""
     from evaluation.baselines import Baseline, compare
-    from evaluation.evaluate import _warnings
+    from evaluation.evaluate import failure_lines
     from evaluation.report import _glance
     from pipelines.rundir import RunDir
 
@@ -320,7 +320,7 @@ def test_the_summary_and_the_report_name_the_failing_cohort(tmp_path):
     groups = subgroup_table(frame, ["A"], baselines={"metadata": meta.probs}, n_boot=300)
     comparison = compare(y[:, None], prob[:, None], frame["patient_id"].to_numpy(), ["A"], meta, n_boot=300)
     overall = auroc(y, prob)
-    lines = _warnings({"auroc": overall}, {"metadata": comparison}, groups)
+    lines = failure_lines({"auroc": overall}, {"metadata": comparison}, groups)
     assert any(line.startswith("On cohort B (100 images") and "well below" in line for line in lines)
     assert any(line.startswith("On cohort B (100 images) the model is not shown to beat a metadata-only baseline") for line in lines)
     assert not any("cohort A" in line for line in lines)

@@ -11,6 +11,7 @@ from pipelines.lazy import lazy_exports
 _EXPORTS = {
     "TrainConfig": "trainers.config",
     "TrainResult": "trainers.trainer",
+    "Selection": "trainers.data",
     "build_trainer": "trainers.trainer",
     "fit": "trainers.trainer",
     "write_outputs": "trainers.trainer",

@@ -6,12 +6,16 @@ store and on the wire), ``labels`` (float32, 1/0 and -1 where a label is ignored
 stable 63-bit hash of ``image_id``: the per-epoch resampling draws from it). Scaling to [0, 1], augmentation and normalisation happen on the worker's device
 (trainers.inputs).
 
+Which rows train and which select the checkpoint is a :class:`Selection`: the run's own ``train``
+and ``val`` splits by default, or any images of the shards by id (a cross-validation fold).
+
 This module is what Ray Data's tasks import to run the functions below: it stays free of torch, so
 a fresh Ray worker process does not pay seconds of imports before reading its first block.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +23,19 @@ import pandas as pd
 
 from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
-from pipelines.shards import IMAGE_COLUMN, images_from_column, labels_from_batch, read_split, split_dir
+from pipelines.shards import IMAGE_COLUMN, Rows, describe_rows, images_from_column, labels_from_batch, read_rows, scan_rows
 from trainers.sampling import SamplingPlan, resample_rows
 
 SHARD_COLUMNS = [IMAGE_COLUMN, "image_id", *FINDINGS]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The shard rows a training run learns from (``train``) and picks its checkpoint on (``val``):
+    split names, or tuples of image ids read from whichever splits hold them."""
+
+    train: Rows = "train"
+    val: Rows = "val"
 
 
 def apply_uncertain(labels: np.ndarray, policy: str) -> np.ndarray:
@@ -54,9 +67,9 @@ def to_tensor_batch(batch: dict, image_size: int, uncertain: str) -> dict[str, n
     }
 
 
-def tensor_dataset(shards: Path, split: str, image_size: int, uncertain: str):
-    """A split as a Ray Dataset of tensor rows (lazy: executed by whoever iterates it)."""
-    ds = read_split(shards, split, columns=SHARD_COLUMNS)
+def tensor_dataset(shards: Path, rows: Rows, image_size: int, uncertain: str):
+    """``rows`` (a split, or image ids) as a Ray Dataset of tensor rows (lazy: executed by whoever iterates it)."""
+    ds = read_rows(shards, rows, columns=SHARD_COLUMNS)
     return ds.map_batches(to_tensor_batch, batch_format="numpy", fn_kwargs={"image_size": image_size, "uncertain": uncertain})
 
 
@@ -65,23 +78,23 @@ def resampled(ds, plan: SamplingPlan, epoch: int):
     return ds.map_batches(resample_rows, batch_format="numpy", fn_kwargs={"plan": plan, "epoch": epoch})
 
 
-def validation_parts(shards: Path, image_size: int, uncertain: str, parts: int) -> list:
-    """The validation split read once and cached in the object store, cut into ``parts`` pieces
+def validation_parts(shards: Path, image_size: int, uncertain: str, parts: int, rows: Rows = "val") -> list:
+    """The validation rows read once and cached in the object store, cut into ``parts`` pieces
     of equal row count (one per worker): each epoch then evaluates from memory, every image once."""
-    ds = tensor_dataset(shards, "val", image_size, uncertain).materialize()
+    ds = tensor_dataset(shards, rows, image_size, uncertain).materialize()
     n = ds.count()
     if n == 0:
-        raise UserInputError(f"the validation split under {shards} is empty: nothing to evaluate")
+        raise UserInputError(f"validation ({describe_rows(rows)} under {shards}) holds no image: nothing to evaluate")
     return ds.split_at_indices([round(n * k / parts) for k in range(1, parts)]) if parts > 1 else [ds]
 
 
-def train_label_matrix(shards: Path, uncertain: str) -> np.ndarray:
-    """The training split's labels ``(n, 14)`` after the uncertainty policy: for class weights and
+def train_label_matrix(shards: Path, uncertain: str, rows: Rows = "train") -> np.ndarray:
+    """The training rows' labels ``(n, 14)`` after the uncertainty policy: for class weights and
     the sampling plan. Reads only the 14 small label columns, directly (a Ray job would cost more
     to schedule than the read)."""
-    df = pd.read_parquet(split_dir(shards, "train"), columns=list(FINDINGS))
+    df = scan_rows(shards, rows, list(FINDINGS)).to_table().to_pandas()
     if df.empty:
-        raise UserInputError(f"the training split under {shards} is empty")
+        raise UserInputError(f"training ({describe_rows(rows)} under {shards}) holds no image")
     return apply_uncertain(df[list(FINDINGS)].to_numpy(), uncertain)
 
 

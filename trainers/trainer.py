@@ -29,7 +29,7 @@ from pipelines.rundir import RunDir
 from pipelines.shards import read_stats
 from trainers.checkpoint import read_history
 from trainers.config import TrainConfig
-from trainers.data import materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
+from trainers.data import Selection, materialize, resampled, tensor_dataset, train_label_matrix, validation_parts
 from trainers.publish import publish_best
 from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
 from trainers.progress import printed_epochs
@@ -57,9 +57,11 @@ def _run_name(cfg: TrainConfig, stats: dict) -> str:
 
 
 def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, selection: Selection | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
-    calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``)."""
+    calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``). ``selection``: which
+    rows train and validate (default the run's train and val splits; a CV fold passes image ids)."""
+    rows = selection or Selection()
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
     stats = read_stats(run.stats)
@@ -68,12 +70,12 @@ def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None
         logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.effective_freeze)
 
     init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
-    labels = train_label_matrix(run.shards, cfg.uncertain)
+    labels = train_label_matrix(run.shards, cfg.uncertain, rows.train)
     plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
 
-    train = tensor_dataset(run.shards, "train", image_size, cfg.uncertain)
-    parts = validation_parts(run.shards, image_size, cfg.uncertain, cfg.workers)
+    train = tensor_dataset(run.shards, rows.train, image_size, cfg.uncertain)
+    parts = validation_parts(run.shards, image_size, cfg.uncertain, cfg.workers, rows.val)
     datasets = {val_dataset_name(rank): part for rank, part in enumerate(parts)}
     memory = None
     if cfg.ingest == "memory":
@@ -122,20 +124,24 @@ def _score(metrics: dict) -> tuple[float, float]:
     return (-math.inf if auroc is None or math.isnan(auroc) else auroc, -math.inf if loss is None or math.isnan(loss) else -loss)
 
 
-def write_outputs(result, run: RunDir, cfg: TrainConfig) -> TrainResult:
-    """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json``."""
+def write_outputs(result, run: RunDir, cfg: TrainConfig, out: Path | None = None) -> TrainResult:
+    """From a finished ``ray.train.Result``: ``best/``, ``history.csv`` and ``config.json`` in
+    ``out`` (default ``<run>/train``; a CV fold writes its own folder, with the same names)."""
     if result.error is not None:
         raise result.error
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint (run at {result.path})")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: _score(cm[1]))
+    folder = Path(out) if out is not None else run.train
+    folder.mkdir(parents=True, exist_ok=True)
+    best, history_csv, config_json = (folder / path.relative_to(run.train) for path in (run.train_best, run.train_history, run.train_config))
     with best_checkpoint.as_directory() as directory:
-        best_dir = publish_best(Path(directory), run.train_best)
+        best_dir = publish_best(Path(directory), best)
     with result.checkpoint.as_directory() as directory:  # the latest carries every epoch's row
         history = pd.DataFrame(read_history(directory))
-    with staged_file(run.train_history) as tmp:
+    with staged_file(history_csv) as tmp:
         history.to_csv(tmp, index=False)
-    write_json(run.train_config, {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze, "ray_path": result.path})
+    write_json(config_json, {**cfg.to_dict(), "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze, "ray_path": result.path})
     return TrainResult(best_dir, history, dict(best_metrics), result.path)
 
 

@@ -64,6 +64,28 @@ def state_api_reachable() -> bool:
     return True
 
 
+def open_tuner(path: Path, trainable, param_space: dict, resume: bool, tune_config: tune.TuneConfig,
+               callbacks: list | None = None, what: str = "search", remedy: str = "run it without resume first") -> tune.Tuner:
+    """The Tuner whose experiment lives at ``path``. With ``resume`` the interrupted one is restored
+    (``Tuner.restore``: finished trials are kept as they are, unfinished and failed ones continue);
+    otherwise a new one, clearing any earlier experiment there."""
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise FileNotFoundError(f"no {what} to resume at {path}: {remedy}")
+        return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space, resume_errored=True)
+    if path.exists():
+        shutil.rmtree(path)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        # Tune's live status tables help at a terminal and flood a CI or job log: the result
+        # table at the end says it all there.
+        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=1 if sys.stdout.isatty() else 0, callbacks=callbacks),
+    )
+
+
 def run_search(
     run: RunDir,
     base: TrainConfig,
@@ -84,33 +106,20 @@ def run_search(
         raise UserInputError(f"unknown search parameter(s) {', '.join(unknown)}")
     param_space = {**space, "base": base.to_dict(), "run_dir": str(run.root), "train_storage": str(storage / "train")}
     trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
-    path = storage / SEARCH_NAME
-    if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise FileNotFoundError(f"no search to resume at {path}: run `cxr tune` without --resume first")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space, resume_errored=True)
-    else:
-        if path.exists():
-            shutil.rmtree(path)
-        scheduler = (
-            ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=grace_period, reduction_factor=reduction_factor)
-            if asha
-            else FIFOScheduler()
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()),
-            ),
-            # Tune's live status tables help at a terminal and flood a CI or job log: the result
-            # table at the end says it all there.
-            run_config=tune.RunConfig(name=SEARCH_NAME, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=0), verbose=1 if sys.stdout.isatty() else 0, callbacks=[TrialLines(trial_count(space, num_samples), base.epochs)]),
-        )
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", max_t=base.epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+        if asha
+        else FIFOScheduler()
+    )
+    tune_config = tune.TuneConfig(
+        metric=METRIC,
+        mode="max",
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()),
+    )
+    tuner = open_tuner(storage / SEARCH_NAME, trainable, param_space, resume, tune_config, what="search",
+                       remedy="run `cxr tune` without --resume first", callbacks=[TrialLines(trial_count(space, num_samples), base.epochs)])
     if asha and not state_api_reachable():
         warnings.warn(
             "the cluster has no Ray dashboard, so trials ASHA stops keep their workers' CPUs/GPUs "
@@ -135,4 +144,4 @@ def _copy_best(grid, best_dir: Path) -> Path | None:
     return publish_best(Path(source), best_dir)
 
 
-__all__ = ["CHECKPOINT_KEY", "SearchResult", "max_concurrent_trials", "run_search"]
+__all__ = ["CHECKPOINT_KEY", "SearchResult", "max_concurrent_trials", "open_tuner", "run_search"]
