@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.cv import cv_summary, run_cv  # noqa: E402
-from cxr.runtime import ray_session  # noqa: E402
-from pipelines.atomic import write_json  # noqa: E402
-from pipelines.rundir import RunDir  # noqa: E402
-from trainers import TrainConfig  # noqa: E402
+from cxr.cv import cv_summary, run_cv
+from cxr.runtime import ray_session
+from pipelines.atomic import write_json
+from pipelines.rundir import RunDir
+from trainers import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_ingest import main as train_ingest  # noqa: E402
+from benchmarks.train_ingest import main as train_ingest
 
 GPU_DEFAULTS = ["--backbone", "densenet121", "--image-size", "224", "--images", "8192", "--batch-size", "128",
                 "--epochs", "3", "--workers", "1", "--gpus-per-worker", "1", "--cpus-per-worker", "2"]
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpu", action="store_true", help="tiny CPU run of the same code path (no GPU needed)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gpu_train.json")
     args, rest = p.parse_known_args(argv)
-    import torch  # noqa: PLC0415 - after argument parsing, so --help is instant
+    import torch  # after argument parsing, so --help is instant
 
     if args.cpu:
         device = {"device": "cpu", "amp": "off (CPU)"}

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: tests.train_fixtures, trainers
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from cxr.runtime import ray_session  # noqa: E402
-from pipelines.rundir import RunDir  # noqa: E402
-from tests.train_fixtures import write_run  # noqa: E402
-from trainers.config import TrainConfig  # noqa: E402
-from trainers.trainer import fit  # noqa: E402
+from cxr.runtime import ray_session
+from pipelines.rundir import RunDir
+from tests.train_fixtures import write_run
+from trainers.config import TrainConfig
+from trainers.trainer import fit
 
 
 def throughput(history, warmup: int) -> tuple[float, float]:

@@ -172,14 +172,14 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cxr.runtime import quiet_environment  # noqa: PLC0415
+    from cxr.runtime import quiet_environment
 
     quiet_environment()
     args = build_parser().parse_args(argv)
     started = time.monotonic()
     try:
         if args.verb in ("submit", "jobs"):  # they print as they go; the exit status is the job's
-            from cxr.jobs import command  # noqa: PLC0415
+            from cxr.jobs import command
 
             return command(args)
         summary = dispatch(args)
@@ -207,11 +207,11 @@ def _is_user_error(err: BaseException) -> bool:
 
 
 def _plain_user_error(err: BaseException) -> bool:
-    import pickle  # noqa: PLC0415
+    import pickle
 
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from pipelines.errors import CxrError, is_path_error  # noqa: PLC0415
+    from pipelines.errors import CxrError, is_path_error
 
     return isinstance(err, (CxrError, ConnectionError, pickle.UnpicklingError, yaml.YAMLError)) or is_path_error(err)
 
@@ -231,11 +231,11 @@ def _user_error(err: BaseException) -> BaseException | None:
 
 def user_error_message(err: BaseException) -> str | None:
     """The one line ``cxr`` prints for a user error; None for a bug (the caller re-raises it)."""
-    import pickle  # noqa: PLC0415
+    import pickle
 
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from pipelines.errors import CxrError, describe_path_error  # noqa: PLC0415
+    from pipelines.errors import CxrError, describe_path_error
 
     err = _user_error(err)
     if err is None:

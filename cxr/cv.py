@@ -115,8 +115,8 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
     """Patient-grouped ``folds``-fold cross-validation of ``base`` over every image of the run's
     shards, on the connected Ray cluster; writes ``<run>/cv/``. ``resume`` continues an interrupted
     one (finished folds are not trained again). ``progress`` gets one line per finished fold."""
-    from evaluation.cv import cv_baselines, cv_metrics, mean_auroc, score_fold, shortfall_lines, write_cv_outputs  # noqa: PLC0415
-    from tuning.cv import fold_dir, run_folds  # noqa: PLC0415
+    from evaluation.cv import cv_baselines, cv_metrics, mean_auroc, score_fold, shortfall_lines, write_cv_outputs
+    from tuning.cv import fold_dir, run_folds
 
     stats = _check_inputs(run, folds)
     table = every_row(run.shards, ["image_id", "patient_id", *FINDINGS])
@@ -161,7 +161,7 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
     frames = [pd.read_parquet(fold_dir(run.cv, k) / "predictions.parquet") if scored(k) else score(k) for k in range(1, folds + 1)]
     oof = pd.concat(frames, ignore_index=True)
     _check_oof(oof, plan)
-    from evaluation.evaluate import with_meta  # noqa: PLC0415
+    from evaluation.evaluate import with_meta
 
     oof = with_meta(oof, run)
     info = _fold_info(run, folds, fold_dir, plan)
@@ -203,7 +203,7 @@ def can_resume(run: RunDir) -> bool:
 def cv_summary(result: CVResult) -> str:
     """The closing summary of ``cxr cv``: pooled OOF mean AUROC [CI], per-fold mean ± sd, per cohort
     beside the baselines, where the model fails, output paths."""
-    from evaluation.cv import cv_summary_lines  # noqa: PLC0415
+    from evaluation.cv import cv_summary_lines
 
     lines = cv_summary_lines(result.metrics, result.out_dir)
     if result.resumed:

@@ -33,7 +33,7 @@ EXCLUDES = [
 
 def client(address: str | None):
     """A Jobs API client; ``address`` None means RAY_ADDRESS (or a local head)."""
-    from ray.job_submission import JobSubmissionClient  # noqa: PLC0415
+    from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
@@ -180,7 +180,7 @@ def command(args: argparse.Namespace) -> int:
     the exit status: the job's for ``submit``, 0 for a query that worked, 1 when the job server
     cannot be reached or refuses the request (the Jobs API raises RuntimeError for those: an
     unknown job id; AuthenticationError for a missing or wrong auth token)."""
-    from ray.exceptions import AuthenticationError  # noqa: PLC0415
+    from ray.exceptions import AuthenticationError
 
     verb = args.verb if args.verb == "submit" else f"jobs {args.jobs_verb}"
     try:

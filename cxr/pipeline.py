@@ -69,7 +69,7 @@ def _section(obj: Any) -> dict[str, Any]:
 
 def _stage_function(name: str) -> Callable[..., str]:
     """Stages that later issues add to ``cxr.stages`` are looked up when the run is built."""
-    from cxr import stages  # noqa: PLC0415
+    from cxr import stages
 
     fn = getattr(stages, f"{name}_stage", None)
     if fn is None:
@@ -179,8 +179,8 @@ def _can_resume_cv(run: RunDir) -> bool:
 
 
 def _can_restore_search(run: RunDir) -> bool:
-    from ray import tune  # noqa: PLC0415
-    from tuning.search import SEARCH_NAME  # noqa: PLC0415
+    from ray import tune
+    from tuning.search import SEARCH_NAME
 
     return tune.Tuner.can_restore(str(run.tune / "ray" / SEARCH_NAME))
 
@@ -252,7 +252,7 @@ def run_pipeline(config: Config, force: bool = False, echo: Callable[[str], None
     """Run every enabled stage in order, skipping the ones already done (all of them re-run with
     ``force``). Stage summaries go to ``echo`` as each stage ends (a job's log shows them live);
     the return value is the closing summary."""
-    from cxr.runtime import quiet_environment, ray_session  # noqa: PLC0415
+    from cxr.runtime import quiet_environment, ray_session
 
     quiet_environment()
     started = time.monotonic()

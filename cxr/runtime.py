@@ -28,7 +28,7 @@ _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 @contextlib.contextmanager
 def _loopback_node() -> Iterator[None]:
     """While Ray starts: the node's address is loopback, so every service binds to 127.0.0.1."""
-    from ray._private import ray_constants  # noqa: PLC0415
+    from ray._private import ray_constants
 
     saved_env, saved_flag = os.environ.get(_LOCAL_ONLY_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[_LOCAL_ONLY_ENV] = "0"  # the processes Ray starts inherit it
@@ -60,7 +60,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
     errors still reach the driver as exceptions with their tracebacks.
     """
-    import ray  # noqa: PLC0415
+    import ray
 
     with _loopback_node():
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
@@ -71,7 +71,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Connect to ``address`` (or ``RAY_ADDRESS``) when given, else start an embedded local Ray;
     shut down on exit so no raylet outlives the command."""
-    import ray  # noqa: PLC0415 - verbs that need no Ray should not pay its import
+    import ray  # verbs that need no Ray should not pay its import
 
     quiet_environment()
     if ray.is_initialized():

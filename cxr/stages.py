@@ -72,11 +72,11 @@ def ingest_collection(run: RunDir, source: str, label_file: Path, images: Path, 
     manifest. One reason rejecting more than ``max_reject_frac`` of the rows stops it before any
     table is written (pipelines/reject_guard.py). ``cohort`` names every image's cohort, or
     ``cohorts`` (a CSV of image id, cohort) each one's."""
-    from pipelines.cohorts import assign_cohorts, read_cohort_file  # noqa: PLC0415
-    from pipelines.ingest import ingest  # noqa: PLC0415
-    from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
-    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, write_summary  # noqa: PLC0415
-    from validation.mass_rejection import suite_rejections  # noqa: PLC0415
+    from pipelines.cohorts import assign_cohorts, read_cohort_file
+    from pipelines.ingest import ingest
+    from pipelines.reject_guard import check_max_reject_frac, guard_rejections
+    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, write_summary
+    from validation.mass_rejection import suite_rejections
 
     check_max_reject_frac(max_reject_frac)
     if cohorts is not None:
@@ -128,9 +128,9 @@ def validate_stage(run: RunDir, settings: ValidateSection) -> str:
     One check failing more than ``max_reject_frac`` of the manifest's rows stops it before the
     manifest or the quarantine is changed (pipelines/reject_guard.py)."""
     warn_only, max_reject_frac = settings.warn_only, settings.max_reject_frac
-    from pipelines.reject_guard import check_max_reject_frac, guard_rejections  # noqa: PLC0415
-    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary  # noqa: PLC0415
-    from validation.mass_rejection import suite_rejections  # noqa: PLC0415
+    from pipelines.reject_guard import check_max_reject_frac, guard_rejections
+    from validation import drop_failed, format_summary, quarantine_from, raise_on_table_failures, validate_manifest, validate_splits, write_summary
+    from validation.mass_rejection import suite_rejections
 
     check_max_reject_frac(max_reject_frac)
     manifest = read_table(run.manifest, "manifest", f"run `cxr ingest --run {run.root}` first")
@@ -173,8 +173,8 @@ def validate_stage(run: RunDir, settings: ValidateSection) -> str:
 def split_stage(run: RunDir, settings: SplitSection) -> str:
     """Patient-level split with the leakage audit, then the GX split suite."""
     test_frac, val_frac, min_positives, seed = settings.test_frac, settings.val_frac, settings.min_positives, settings.seed
-    from pipelines.split import split_patients  # noqa: PLC0415
-    from validation import raise_on_table_failures, validate_splits, write_summary, format_summary  # noqa: PLC0415
+    from pipelines.split import split_patients
+    from validation import raise_on_table_failures, validate_splits, write_summary, format_summary
 
     manifest = manifest_of(run)
     result = split_patients(manifest, test_frac=test_frac, val_frac=val_frac, min_positives=min_positives, seed=seed)
@@ -215,7 +215,7 @@ def preprocess_stage(run: RunDir, settings: PreprocessSection) -> str:
     The shards are built in a staging folder and swapped in only when complete, with a lineage
     record shared with ``stats.json``: a killed or interrupted re-run leaves the previous shards
     (or, killed mid-swap, none), never a partial set that a later verb accepts."""
-    from validation import format_summary, write_summary  # noqa: PLC0415
+    from validation import format_summary, write_summary
 
     manifest = manifest_of(run)
     splits, info = splits_of(run, manifest), _source_info(run)
@@ -245,9 +245,9 @@ def _preprocess_shards(run: RunDir, manifest: pd.DataFrame, splits: pd.DataFrame
     rejects replace the ``preprocess`` records of ``run.quarantine``. Shared by ``cxr preprocess``
     and ``cxr external``, so an external collection is decoded exactly as training's was.
     Returns the preprocess result, this stage's quarantine, the suite and the shards' lineage."""
-    from pipelines.lineage import shards_made_from, write_shards_lineage  # noqa: PLC0415
-    from pipelines.preprocess import preprocess  # noqa: PLC0415
-    from validation import REJECT_FLAGS, image_checks, validate_images  # noqa: PLC0415
+    from pipelines.lineage import shards_made_from, write_shards_lineage
+    from pipelines.preprocess import preprocess
+    from validation import REJECT_FLAGS, image_checks, validate_images
 
     lineage = shards_made_from(manifest, splits)
     with staged_dir(run.shards) as staging:
@@ -267,7 +267,7 @@ def _preprocess_shards(run: RunDir, manifest: pd.DataFrame, splits: pd.DataFrame
 
 
 def eda_stage(run: RunDir, settings: EdaSection) -> str:
-    from pipelines.eda import run_eda  # noqa: PLC0415
+    from pipelines.eda import run_eda
 
     manifest, info = manifest_of(run), _source_info(run)
     splits = splits_of(run, manifest) if run.splits.exists() else None
@@ -291,8 +291,8 @@ def _auroc_lines(metrics: dict, prefix: str = "val_auroc_") -> list[str]:
 
 def train_stage(run: RunDir, cfg: TrainConfig) -> str:
     """Ray Train on the run's shards; the best epoch's checkpoint lands in ``<run>/train/best``."""
-    from pipelines.lineage import write_model_lineage  # noqa: PLC0415
-    from trainers import fit  # noqa: PLC0415
+    from pipelines.lineage import write_model_lineage
+    from trainers import fit
 
     stats = current_shards(run)
     print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
@@ -314,8 +314,8 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
 
 def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
     """Ray Tune over training strategies from ``base``; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
-    from pipelines.lineage import write_model_lineage  # noqa: PLC0415
-    from tuning import run_search  # noqa: PLC0415
+    from pipelines.lineage import write_model_lineage
+    from tuning import run_search
 
     stats = current_shards(run)
     asha = settings.asha
@@ -344,7 +344,7 @@ def _pointing_line(summary: dict) -> str:
 def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
     """Test-split metrics with patient-bootstrap intervals beside two baselines, operating points
     from validation, calibration, robustness and subgroups, in ``<run>/eval``."""
-    from evaluation import evaluate_run  # noqa: PLC0415
+    from evaluation import evaluate_run
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
@@ -374,7 +374,7 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
 def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
     """Evaluate and explain read the shards and the run's own checkpoint: both must be current.
     Returns the shards' ``stats.json``."""
-    from pipelines.lineage import check_model_lineage  # noqa: PLC0415
+    from pipelines.lineage import check_model_lineage
 
     stats = current_shards(run)
     if checkpoint is None:
@@ -388,10 +388,10 @@ def external_stage(run: RunDir, settings: ExternalSet) -> str:
     preprocess it at the run's image size and score it as ``cxr evaluate`` scores the test split,
     into ``<run>/external/NAME/``. Built in a staging folder and swapped in only when every step
     succeeded: a refused or failed run leaves the previous ``external/NAME/``, or none."""
-    from evaluation import evaluate_run  # noqa: PLC0415
-    from evaluation.external import below_internal  # noqa: PLC0415
-    from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap  # noqa: PLC0415
-    from validation import ValidationFailed, format_summary, write_summary  # noqa: PLC0415
+    from evaluation import evaluate_run
+    from evaluation.external import below_internal
+    from pipelines.external import check_name, drop_overlap as split_off, overlap_reasons, refuse_overlap
+    from validation import ValidationFailed, format_summary, write_summary
 
     name, label_file, checkpoint = settings.name, Path(settings.csv), Path(settings.checkpoint) if settings.checkpoint else None
     check_name(name)
@@ -484,7 +484,7 @@ def _fmt(value) -> str:
 
 def explain_stage(run: RunDir, settings: ExplainSection) -> str:
     """Grad-CAM gallery (TP/FP/FN) and the pointing game against radiologist boxes, in ``<run>/explain``."""
-    from evaluation import explain_run  # noqa: PLC0415
+    from evaluation import explain_run
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
@@ -528,8 +528,8 @@ def predict_stage(settings: PredictSettings) -> str:
 def report_stage(run: RunDir) -> str:
     """The report, and the run's data-validation verdict in its three levels (passed, passed with
     N warnings, failed) with what any warnings are."""
-    from evaluation import write_report  # noqa: PLC0415
-    from validation.report import SUMMARY_FILE, overall_line  # noqa: PLC0415
+    from evaluation import write_report
+    from validation.report import SUMMARY_FILE, overall_line
 
     lines = [f"report: {write_report(run)}"]
     summary = json.loads((run.validation / SUMMARY_FILE).read_text()) if (run.validation / SUMMARY_FILE).exists() else {}

@@ -37,7 +37,7 @@ class Mirror:
     compared by size and modification time, so a push sends only what changed."""
 
     def __init__(self, uri: str, local: Path) -> None:
-        import pyarrow.fs as pafs  # noqa: PLC0415
+        import pyarrow.fs as pafs
 
         self.uri = uri
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
@@ -53,7 +53,7 @@ class Mirror:
 
 
 def _listing(fs, root: str) -> dict[str, Any]:
-    import pyarrow.fs as pafs  # noqa: PLC0415
+    import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     base = root.rstrip("/") + "/"
@@ -61,7 +61,7 @@ def _listing(fs, root: str) -> dict[str, Any]:
 
 
 def _sync(src_fs, src_root: str, dst_fs, dst_root: str, keep_mtime: bool) -> None:
-    import pyarrow.fs as pafs  # noqa: PLC0415
+    import pyarrow.fs as pafs
 
     src, dst = _listing(src_fs, src_root), _listing(dst_fs, dst_root)
     for rel, info in src.items():

@@ -43,7 +43,7 @@ def score_fold(run: RunDir, out_dir: Path, fold: int, ids: list[str]) -> pd.Data
     """Score fold ``fold``'s held-out images ``ids`` with its best checkpoint (``out_dir/best``);
     write ``out_dir/predictions.parquet`` (the contract columns of ``eval/predictions.parquet``
     plus ``fold``) and return it."""
-    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when scoring
+    from trainers.checkpoint import load_checkpoint  # torch only when scoring
 
     model, info = load_checkpoint(Path(out_dir) / "best")
     findings = list(info["findings"])

@@ -166,7 +166,7 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
     ``data`` scores another collection instead (external validation): its test shards and manifest
     are read and its ``eval/`` written, while thresholds are still chosen on the run's validation
     split and the baselines fit on the run's train split, so both sets are judged by one rule."""
-    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415 - torch only when evaluating
+    from trainers.checkpoint import load_checkpoint  # torch only when evaluating
 
     data = run if data is None else data
     checkpoint = run.best_checkpoint(checkpoint)

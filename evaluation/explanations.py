@@ -72,8 +72,8 @@ def explain(checkpoint: Path, images: list[Path], out_dir: Path, boxes: pd.DataF
     by default the frame is inferred from the list (see ``box_frame_for``).
     ``tolerance``: the pointing game's margin around a box, as a fraction of the image side.
     """
-    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
-    from evaluation.gradcam import HeatmapMaker  # noqa: PLC0415 - pytorch-grad-cam and torch only here
+    from trainers.checkpoint import load_checkpoint
+    from evaluation.gradcam import HeatmapMaker  # pytorch-grad-cam and torch only here
 
     model, info = load_checkpoint(Path(checkpoint))
     findings, size = list(info["findings"]), int(info["image_size"])
@@ -180,8 +180,8 @@ def explain_run(run: RunDir, checkpoint: Path | None = None, max_images: int = 2
     """The gallery in ``<run>/explain/gallery/`` (``gallery.csv`` lists it) and the pointing game
     on boxed held-out images in ``<run>/explain/boxed/`` (their boxed findings only: the gallery
     shows what the model predicts). Needs ``cxr evaluate`` first."""
-    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
-    from evaluation.gradcam import HeatmapMaker  # noqa: PLC0415
+    from trainers.checkpoint import load_checkpoint
+    from evaluation.gradcam import HeatmapMaker
 
     metrics_path = run.eval_metrics
     if not metrics_path.is_file():

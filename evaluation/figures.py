@@ -9,15 +9,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt  # the backend must be chosen first
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-from evaluation.calibration import reliability_table  # noqa: E402
-from evaluation.metrics import known  # noqa: E402
-from pipelines.formatting import number  # noqa: E402
+from evaluation.calibration import reliability_table
+from evaluation.metrics import known
+from pipelines.formatting import number
 
 MODEL = "#1f5fa8"
 BASELINE = "#8a8f98"

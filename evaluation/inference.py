@@ -63,7 +63,7 @@ def load_rows(run: RunDir, rows: Rows, image_size: int) -> SplitData:
 
 def predict_arrays(model: nn.Module, info: dict, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Sigmoid probabilities ``(n, findings)`` for uint8 images ``(n, S, S)``."""
-    from trainers.checkpoint import prepare_input  # noqa: PLC0415 - torch-heavy, imported with the model
+    from trainers.checkpoint import prepare_input  # torch-heavy, imported with the model
 
     model.eval()
     out = []

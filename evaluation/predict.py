@@ -31,7 +31,7 @@ def decode_images(paths: list[Path], image_size: int) -> np.ndarray:
 def predict_images(checkpoint: Path, images: list[Path]) -> pd.DataFrame:
     """One row per image: ``image`` (the path) and ``prob_<finding>`` for every finding of the
     checkpoint (sigmoid outputs: independent probabilities, they need not sum to 1)."""
-    from trainers.checkpoint import load_checkpoint  # noqa: PLC0415
+    from trainers.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(Path(checkpoint))
     probs = predict_arrays(model, info, decode_images(images, int(info["image_size"])))

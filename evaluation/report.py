@@ -238,7 +238,7 @@ def _splits_section(run: RunDir) -> str | None:
 
 
 def _training_section(run: RunDir, figures_dir: Path) -> str | None:
-    from evaluation import figures  # noqa: PLC0415 - matplotlib only when there is something to draw
+    from evaluation import figures  # matplotlib only when there is something to draw
 
     parts = []
     history_path = run.train_history

@@ -36,7 +36,7 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(table: pd.DataFrame) -> str:
     shown = _display(table)
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    escape = lambda s: str(s).replace("|", "\\|")
     lines = ["| " + " | ".join(escape(c) for c in shown.columns) + " |",
              "|" + "|".join("---" for _ in shown.columns) + "|"]
     lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]

@@ -105,7 +105,7 @@ def assign_folds(table: pd.DataFrame, folds: int, seed: int = 0) -> tuple[pd.Dat
     for f in sorted(range(len(FINDINGS)), key=lambda j: (total[j], FINDINGS[j])):
         for i in order:
             if fold_of[i] < 0 and pos[i, f] > 0:
-                place(i, min(range(folds), key=lambda k: (fold_pos[k, f], load(i, k), fold_images[k], k)))  # noqa: B023
+                place(i, min(range(folds), key=lambda k: (fold_pos[k, f], load(i, k), fold_images[k], k)))
     for i in order:
         if fold_of[i] < 0:
             place(i, min(range(folds), key=lambda k: (fold_images[k], k)))

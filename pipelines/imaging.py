@@ -103,8 +103,8 @@ def _check_dicom_size(ds) -> None:
 
 
 def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
-    import pydicom  # noqa: PLC0415 - only DICOM collections need it
-    from pydicom.pixels import apply_voi_lut  # noqa: PLC0415
+    import pydicom  # only DICOM collections need it
+    from pydicom.pixels import apply_voi_lut
 
     ds = pydicom.dcmread(io.BytesIO(data))  # reads the header and keeps the pixel bytes undecoded
     _check_dicom_size(ds)

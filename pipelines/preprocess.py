@@ -129,7 +129,7 @@ def preprocess(
     decode into one task (no hand-off of raw PNG bytes through the object store); measured faster
     in benchmarks/preprocess.py. Block count sets the parallelism.
     """
-    import ray  # noqa: PLC0415 - the pipelines package stays importable without Ray machinery
+    import ray  # the pipelines package stays importable without Ray machinery
 
     if image_size < 8:
         raise UserInputError(f"--image-size must be at least 8, got {image_size}")

@@ -80,8 +80,8 @@ def row_sources(shards: Path, rows: Rows) -> tuple[list[Path], frozenset[str] | 
 
 def scan_rows(shards: Path, rows: Rows, columns: list[str], batch_size: int | None = None):
     """A pyarrow ``Scanner`` over ``rows`` of the shards (``.to_table()`` or ``.to_batches()``)."""
-    import pyarrow.compute as pc  # noqa: PLC0415
-    import pyarrow.dataset as pads  # noqa: PLC0415
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
     folders, ids = row_sources(shards, rows)
     parts = [pads.dataset(str(f), format="parquet", partitioning=None) for f in folders]
@@ -93,7 +93,7 @@ def scan_rows(shards: Path, rows: Rows, columns: list[str], batch_size: int | No
 def every_row(shards: Path, columns: list[str]):
     """``columns`` of every image in every split present, as one pandas frame (cross-validation
     pools the splits)."""
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd
 
     frames = [scan_rows(shards, s, columns).to_table().to_pandas() for s in SPLITS if split_dir(shards, s).is_dir()]
     if not frames:
@@ -109,7 +109,7 @@ def keep_ids(batch: dict, ids: frozenset[str]) -> dict:
 
 def read_rows(shards: Path, rows: Rows, columns: list[str] | None = None):
     """``rows`` of the shards as a Ray Dataset (lazily; the caller's Ray cluster does the reading)."""
-    import ray  # noqa: PLC0415 - keep pipelines importable without starting Ray machinery
+    import ray  # keep pipelines importable without starting Ray machinery
 
     folders, ids = row_sources(shards, rows)
     ds = ray.data.read_parquet([str(f) for f in folders], partitioning=None)

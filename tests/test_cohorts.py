@@ -47,9 +47,9 @@ def test_name_and_file_together_is_an_error(tmp_path):
 
 # --------------------------------------------------------------------------- through `cxr ingest`
 
-from cxr.cli import main  # noqa: E402
-from pipelines.phantoms import make_collection  # noqa: E402
-from pipelines.rundir import RunDir  # noqa: E402
+from cxr.cli import main
+from pipelines.phantoms import make_collection
+from pipelines.rundir import RunDir
 
 
 def test_ingest_with_a_cohorts_file_writes_the_cohort_column(tmp_path, capsys):

@@ -18,7 +18,7 @@ from pipelines.labels import FINDINGS
 from pipelines.rundir import RunDir
 from pipelines.sources.nih import read_boxes
 from tests.conftest import NIH_CSV, NIH_IMAGES
-from tests.test_eval_fixtures import evaluated_run, phantom_run  # noqa: F401 - session fixtures
+from tests.test_eval_fixtures import evaluated_run, phantom_run  # session fixtures
 
 
 def test_predictions_table_follows_the_contract(evaluated_run):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from evaluation import write_report
-from tests.test_eval_fixtures import evaluated_run, phantom_run, write_phantom_run  # noqa: F401 - session fixtures
+from tests.test_eval_fixtures import evaluated_run, phantom_run, write_phantom_run  # session fixtures
 
 KEY_SECTIONS = ("summary", "data", "splits", "training", "discrimination", "operating-points", "calibration",
                 "robustness", "subgroups", "explanations")

@@ -61,7 +61,7 @@ def _bce(p: float, y: int) -> float:
 def test_plain_bce_by_hand_with_ignored_label():
     logits = torch.tensor([[0.0, 2.0], [-1.0, 0.5]])
     targets = torch.tensor([[1.0, 0.0], [0.0, -1.0]])  # the -1 is ignored
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    sig = lambda z: 1 / (1 + math.exp(-z))
     expected = (_bce(sig(0.0), 1) + _bce(sig(2.0), 0) + _bce(sig(-1.0), 0)) / 3
     assert float(MultiLabelBCE()(logits, targets)) == pytest.approx(expected, rel=1e-6)
 
@@ -73,7 +73,7 @@ def test_weighted_bce_by_hand():
     np.testing.assert_allclose(neg_w, [0.25, 0.25])
     logits = torch.tensor([[1.0, -1.0], [0.0, 0.3]])
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    sig = lambda z: 1 / (1 + math.exp(-z))
     expected = (0.75 * _bce(sig(1.0), 1) + 0.25 * _bce(sig(-1.0), 0) + 0.25 * _bce(sig(0.0), 0) + 0.75 * _bce(sig(0.3), 1)) / 4
     assert float(make_criterion("weighted", train)(logits, targets)) == pytest.approx(expected, rel=1e-6)
 

@@ -140,7 +140,7 @@ def _torch_load(path: Path) -> Any:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise CheckpointError(f"{path}: not a plain state dict: it holds pickled objects that safe loading "
                               f"(weights_only=True) refuses ({first[:200]})") from None
-    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zip errors ... for foreign files
+    except Exception as err:  # torch raises RuntimeError, EOFError, zip errors ... for foreign files
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise CheckpointError(f"{path}: not a PyTorch file ({type(err).__name__}: {first[:200]})") from None
 

@@ -57,7 +57,7 @@ class StartedIterator:
             self._first = next(self._iterator)
         except StopIteration:
             pass
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+        except BaseException as err:  # re-raised in the consuming thread
             self._error = err
 
     def __iter__(self):

@@ -208,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr = optimizer.param_groups[0]["lr"]
         loss_sum, images, seconds, first_batch = train_epoch(
             model, batches, criterion, optimizer, aug, generator, norm, amp,
-            after_first_step=lambda: _maybe_fail(cfg, epoch, rank, world),  # noqa: B023 - called within this epoch
+            after_first_step=lambda: _maybe_fail(cfg, epoch, rank, world),  # called within this epoch
         )
         loss_all, images_all = _all_sum([loss_sum, images], device)
         timings = _all_gather((seconds, first_batch))

@@ -37,7 +37,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path} (pass a state_dict file, a checkpoint directory, 'imagenet' or 'none')")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for foreign or unsafe files
+    except Exception as err:  # torch raises several types for foreign or unsafe files
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserInputError(f"{path} is not a plain state_dict loadable with weights_only=True: {first[:300]}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -55,11 +55,11 @@ def max_concurrent_trials(cfg: TrainConfig, resources: dict[str, float]) -> int:
 def state_api_reachable() -> bool:
     """Whether the cluster serves Ray's state API (the dashboard). Ray Train V2 needs it to free the
     workers of a trial that early stopping killed (ray-project/ray#54305)."""
-    from ray.util.state import list_actors  # noqa: PLC0415
+    from ray.util.state import list_actors
 
     try:
         list_actors(limit=1, timeout=10, raise_on_missing_output=False)
-    except Exception:  # noqa: BLE001 - unreachable for any reason means the same to the caller
+    except Exception:  # unreachable for any reason means the same to the caller
         return False
     return True
 

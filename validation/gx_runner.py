@@ -34,7 +34,7 @@ LEVELLED = "validation.data_docs"  # GX's site builders, with the three validati
 def _import_gx() -> Any:
     """GX sends usage statistics unless told not to; the pipeline runs offline."""
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    import great_expectations as gx  # noqa: PLC0415 - slow import, kept off the CLI's start-up path
+    import great_expectations as gx  # slow import, kept off the CLI's start-up path
 
     return gx
 
@@ -45,7 +45,7 @@ def _context(gx: Any, out_dir: Path) -> Any:
     directory, whichever process ran it, while datasources and checkpoints stay in memory. The
     site's index and validation pages say passed / passed with N warnings / failed
     (validation/data_docs.py)."""
-    from great_expectations.data_context.types.base import (  # noqa: PLC0415
+    from great_expectations.data_context.types.base import (
         DataContextConfig,
         ProgressBarsConfig,
     )
@@ -102,7 +102,7 @@ def _expectation(gx: Any, check: Check) -> Any:
     """The GX expectation for ``check``, tagged with the check's name so results map back,
     described by that name so the Data Docs page shows it in place of GX's generic sentence, and
     given the GX severity of its level (stored with the result)."""
-    from great_expectations.expectations.row_conditions import Column  # noqa: PLC0415
+    from great_expectations.expectations.row_conditions import Column
 
     kwargs = dict(check.kwargs)
     if check.where is not None:
