@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr.settings import RAY_STAGES
-from trainers.config import STRATEGY_AXES
+from cxr.settings import (
+    RAY_STAGES, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
+    PredictSettings, PreprocessSection, RunSection, SplitSection, TuneSection, ValidateSection,
+)
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
+from trainers.config import STRATEGY_AXES, TrainConfig
 
 # The verbs: which settings sections each one's options come from, whether it takes --run and starts
 # Ray (--address), and the stage it runs. Options, defaults and help live on the sections
@@ -22,7 +25,7 @@ from pipelines.rundir import RunDir
 class Verb:
     name: str
     help: str
-    sections: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (key, class name in cxr.settings or TrainConfig, excluded fields)
+    sections: tuple[tuple[str, type, tuple[str, ...]], ...] = ()  # (key, settings class, excluded fields)
     run: str = "required"  # --run DIR: required, optional or absent ("")
 
     @property
@@ -31,40 +34,32 @@ class Verb:
         return self.name in RAY_STAGES
 
 
-TRAIN = ("train", "TrainConfig", ())
+TRAIN = ("train", TrainConfig, ())
 VERBS = (
-    Verb("ingest", "read a collection's label file into manifest.parquet + quarantine.parquet", (("data", "DataSection", ()),)),
-    Verb("validate", "run the Great Expectations suites on the manifest (and splits, if present)", (("validate", "ValidateSection", ()),)),
-    Verb("split", "patient-level train/val/test split with a leakage audit", (("split", "SplitSection", ()),)),
-    Verb("preprocess", "Ray Data: decode, 8-bit grayscale, resize, write Parquet shards, train-only stats", (("preprocess", "PreprocessSection", ()),)),
-    Verb("eda", "exploratory analysis: figures + summary.md/html in <run>/eda", (("eda", "EdaSection", ()),)),
+    Verb("ingest", "read a collection's label file into manifest.parquet + quarantine.parquet", (("data", DataSection, ()),)),
+    Verb("validate", "run the Great Expectations suites on the manifest (and splits, if present)", (("validate", ValidateSection, ()),)),
+    Verb("split", "patient-level train/val/test split with a leakage audit", (("split", SplitSection, ()),)),
+    Verb("preprocess", "Ray Data: decode, 8-bit grayscale, resize, write Parquet shards, train-only stats", (("preprocess", PreprocessSection, ()),)),
+    Verb("eda", "exploratory analysis: figures + summary.md/html in <run>/eda", (("eda", EdaSection, ()),)),
     Verb("train", "Ray Train: fine-tune a backbone on the shards, checkpoints in <run>/train", (TRAIN,)),
     Verb("tune", "Ray Tune: search sampling x loss x freeze x lr with ASHA; table in <run>/tune",
-         (("train", "TrainConfig", STRATEGY_AXES), ("tune", "TuneSection", ()))),
+         (("train", TrainConfig, STRATEGY_AXES), ("tune", TuneSection, ()))),
     Verb("cv", "patient-grouped k-fold cross-validation of the training recipe: folds as concurrent Ray Tune trials; <run>/cv",
-         (TRAIN, ("cv", "CvSection", ()))),
+         (TRAIN, ("cv", CvSection, ()))),
     Verb("evaluate", "test-split metrics with patient-bootstrap CIs beside two baselines, operating points, calibration, robustness, subgroups",
-         (("evaluate", "EvaluateSection", ()),)),
+         (("evaluate", EvaluateSection, ()),)),
     Verb("external", "external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME",
-         (("external", "ExternalSet", ()),)),
+         (("external", ExternalSet, ()),)),
     Verb("explain", "Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes",
-         (("explain", "ExplainSection", ()), ("images", "ExplainImages", ())), run="optional"),
+         (("explain", ExplainSection, ()), ("images", ExplainImages, ())), run="optional"),
     Verb("report", "one self-contained HTML page for the run: <run>/report.html"),
-    Verb("predict", "the 14 finding probabilities for image files, from a checkpoint alone", (("predict", "PredictSettings", ()),), run=""),
-    Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", "DemoSettings", ()),)),
+    Verb("predict", "the 14 finding probabilities for image files, from a checkpoint alone", (("predict", PredictSettings, ()),), run=""),
+    Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", DemoSettings, ()),)),
 )
-
-
-def _section_class(name: str) -> type:
-    from cxr import settings
-    from trainers.config import TrainConfig
-
-    return TrainConfig if name == "TrainConfig" else getattr(settings, name)
 
 
 def _add_verb(verbs, verb: Verb, fmt) -> None:
     from cxr.options import add_options
-    from cxr.settings import RunSection
 
     p = verbs.add_parser(verb.name, help=verb.help, formatter_class=fmt)
     if verb.run:
@@ -72,7 +67,7 @@ def _add_verb(verbs, verb: Verb, fmt) -> None:
         p.add_argument("--run", required=required, default=None, type=Path, metavar="DIR",
                        help="the run directory every stage reads from and writes to" + ("" if required else " (explain a run: gallery of test images and the pointing game; needs cxr evaluate)"))
     for key, cls, exclude in verb.sections:
-        add_options(p, _section_class(cls), key, exclude)
+        add_options(p, cls, key, exclude)
     if verb.ray:
         add_options(p, RunSection, "run", exclude=("dir", "num_cpus", "scratch"))
 
@@ -81,7 +76,7 @@ def settings_from(args: argparse.Namespace, verb: Verb) -> dict[str, Any]:
     """Each of the verb's sections, built from its options."""
     from cxr.options import from_args
 
-    return {key: from_args(args, _section_class(cls), key, exclude) for key, cls, exclude in verb.sections}
+    return {key: from_args(args, cls, key, exclude) for key, cls, exclude in verb.sections}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import pandas as pd
 from pipelines.atomic import write_json
 from pipelines.errors import CxrError, UserInputError
 from pipelines.folds import FOLD_COLUMNS, FoldPlan, audit_folds, check_folds, plan_folds, read_fold_roles
+from pipelines.formatting import duration
 from pipelines.labels import FINDINGS
 from pipelines.lineage import StaleOutputError, current_shards, write_model_lineage, write_parquet
 from pipelines.rundir import RunDir
@@ -47,10 +48,6 @@ class CVResult:
     plan: FoldPlan
     resumed: list[int] = field(default_factory=list)  # folds already finished when a resume began
     trained: list[int] = field(default_factory=list)  # folds trained (or continued) by this call
-
-
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _check_inputs(run: RunDir, folds: int) -> dict:
@@ -144,8 +141,8 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
     def on_done(fold: int, seconds: float) -> None:
         frame = score(fold)
         value, _ = mean_auroc(frame)
-        progress(f"cv: fold {fold}/{folds} done in {_minutes(seconds)}: held-out mean AUROC {value:.3f} on {len(frame)} images "
-                 f"of {frame['patient_id'].nunique()} patients ({_minutes(time.monotonic() - started)} since start)")
+        progress(f"cv: fold {fold}/{folds} done in {duration(seconds)}: held-out mean AUROC {value:.3f} on {len(frame)} images "
+                 f"of {frame['patient_id'].nunique()} patients ({duration(time.monotonic() - started)} since start)")
 
     def on_error(fold: int, message: str) -> None:
         progress(f"cv: fold {fold}/{folds} {message}; the other folds go on")

@@ -16,7 +16,7 @@ from pipelines.imaging import MAX_IMAGE_SIZE
 from pipelines.errors import UserInputError
 from pipelines.options import SettingError, Settings, option, require
 from pipelines.reject_guard import DEFAULT_MAX_REJECT_FRAC
-from trainers.config import FREEZE_CHOICES, SAMPLING_CHOICES, SEARCHED_FREEZES, TrainConfig
+from trainers.config import FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, SEARCHED_FREEZES, TrainConfig
 
 SOURCES = ("nih", "chexpert", "manifest", "phantoms")
 # The stages that start (or join) Ray, under `cxr run` and as single verbs alike (--address).
@@ -143,7 +143,7 @@ class TuneSection(Settings):
     grace_period: int = option(1, "epochs every trial runs before ASHA may stop it")
     space: str | None = option(None, "YAML search space replacing the default grid (see tuning/space.py)")
     sampling: list[str] = option(list(SAMPLING_CHOICES), "sampling strategies searched (default grid)", choices=SAMPLING_CHOICES, flag="--sampling-grid")
-    loss: list[str] = option(["bce", "weighted"], "losses searched (default grid)", choices=("auto", "bce", "weighted"), flag="--loss-grid")
+    loss: list[str] = option(["bce", "weighted"], "losses searched (default grid)", choices=LOSS_CHOICES, flag="--loss-grid")
     freeze: list[str] = option(list(SEARCHED_FREEZES), "freeze strategies searched (default grid)", choices=FREEZE_CHOICES, flag="--freeze-grid")
     lr: list[float] = option([1e-4, 3e-3], "log-uniform learning-rate range searched: low,high", flag="--lr-range")
     resume: bool = option(False, "resume an interrupted search in <run>/tune", config=False)

@@ -46,3 +46,9 @@ def estimate(point, low, high, digits: int = 2, missing: str = MISSING) -> str:
     if is_missing(point):
         return missing
     return f"{number(point, digits)} [{interval(low, high, digits, missing, sep='-')}]"
+
+
+def duration(seconds: float) -> str:
+    """Wall time in progress lines: ``1m20s``, ``2h05m`` past an hour."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

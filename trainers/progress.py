@@ -15,10 +15,7 @@ from typing import Callable, Iterator
 
 from ray.train import UserCallback
 
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+from pipelines.formatting import duration
 
 
 def epoch_line(metrics: dict, epochs: int, best_before: float, elapsed: float, trained_here: int) -> str:
@@ -32,8 +29,8 @@ def epoch_line(metrics: dict, epochs: int, best_before: float, elapsed: float, t
     left = elapsed / trained_here * (epochs - epoch) if trained_here else math.nan
     speed = metrics.get("train_images_per_s", math.nan)
     return (f"epoch {epoch}/{epochs}  train loss {metrics.get('train_loss', math.nan):.4f}  val loss {metrics.get('val_loss', math.nan):.4f}  "
-            f"val mean AUROC {auroc:.3f}{best}  {speed:.0f} img/s  elapsed {_duration(elapsed)}"
-            + (f"  left ~{_duration(left)}" if epoch < epochs and left == left else ""))
+            f"val mean AUROC {auroc:.3f}{best}  {speed:.0f} img/s  elapsed {duration(elapsed)}"
+            + (f"  left ~{duration(left)}" if epoch < epochs and left == left else ""))
 
 
 class EpochLines(UserCallback):

@@ -7,6 +7,8 @@ from typing import Any
 
 from ray import tune
 
+from pipelines.formatting import duration
+
 from tuning.results import METRIC
 from trainers.config import STRATEGY_AXES
 
@@ -25,7 +27,7 @@ def trial_line(index: int, total: int, config: dict[str, Any], best: float, epoc
         score = f"best val mean AUROC {best:.3f}" if best == best else "no defined val AUROC"
         stopped = " (stopped early)" if epochs < max_epochs else ""
         outcome = f"{score}  {epochs}/{max_epochs} epochs{stopped}"
-    return f"trial {index}/{total}  {shown}  {outcome}  {int(seconds) // 60}m{int(seconds) % 60:02d}s"
+    return f"trial {index}/{total}  {shown}  {outcome}  {duration(seconds)}"
 
 
 def trial_count(space: dict[str, Any], num_samples: int) -> int:
