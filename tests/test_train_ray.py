@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -50,7 +51,8 @@ def test_two_workers_train_report_auroc_and_write_the_checkpoint(ray_local, tmp_
 def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_resampling(ray_local, tmp_path):
     run = write_run(tmp_path / "run", n_train=48, n_val=16, image_size=32, seed=1)
     marker = tmp_path / "worker-killed"
-    cfg = TrainConfig(epochs=3, sampling="over", max_failures=1, fail_at_epoch=2, fail_marker=str(marker), **TINY)
+    # with a weight average, so the restarted group also resumes the average and the raw weights
+    cfg = TrainConfig(epochs=3, sampling="over", max_failures=1, fail_at_epoch=2, fail_marker=str(marker), ema=0.9, **TINY)
     result = fit(RunDir(run), cfg)
 
     assert marker.exists()  # the last worker did exit hard during epoch 2
@@ -84,7 +86,16 @@ def test_patience_stops_training_when_validation_auroc_stops_improving(ray_local
 def test_training_prints_one_line_per_epoch_as_it_ends(ray_local, tmp_path):
     run = write_run(tmp_path / "run", n_train=32, n_val=16, image_size=32)
     lines: list[str] = []
-    fit(RunDir(run), TrainConfig(epochs=3, **TINY), echo=lines.append)
+    # every small-data regulariser on, so their code runs in real workers
+    cfg = TrainConfig(epochs=3, label_smoothing=0.1, mixup=0.2, dropout=0.2, ema=0.9, **TINY)
+    result = fit(RunDir(run), cfg, echo=lines.append)
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]  # one per epoch, nothing per batch
     assert all("train loss" in line and "val mean AUROC" in line and "img/s" in line and "elapsed" in line for line in lines)
     assert "(best)" in lines[0] and "left ~" in lines[0] and "left ~" not in lines[-1]
+
+    # With --ema the checkpoint holds the average; the raw weights travel in the training state.
+    last = next(Path(result.ray_path).rglob("epoch-0003"))
+    state = torch.load(last / "train_state.pt", weights_only=True)
+    saved = torch.load(last / "model.pt", weights_only=True)
+    assert set(state["raw_model"]) == set(saved)
+    assert any(not torch.equal(saved[k], state["raw_model"][k]) for k in saved if saved[k].is_floating_point())

@@ -352,3 +352,66 @@ def test_freeze_auto_fine_tunes_random_weights_and_keeps_pretrained_features():
     assert TrainConfig(weights="imagenet").effective_freeze == "partial"
     assert TrainConfig(weights="/models/chest.pt").effective_freeze == "partial"
     assert TrainConfig(weights="none", freeze="backbone").effective_freeze == "backbone"  # an explicit choice stands
+
+
+# --- small-data regularisers --------------------------------------------------------------------
+
+def test_soft_targets_and_label_smoothing_by_hand():
+    """Smoothing e moves y to y(1 - e) + e/2; the weighted form weighs the two parts by class."""
+    logits = torch.tensor([[0.4, -1.2]])
+    targets = torch.tensor([[1.0, 0.0]])
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    soft = lambda p, y: -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    expected = (soft(sig(0.4), 0.95) + soft(sig(-1.2), 0.05)) / 2
+    assert float(MultiLabelBCE(smoothing=0.1)(logits, targets)) == pytest.approx(expected, rel=1e-6)
+    pos_w, neg_w = np.array([0.8, 0.7], np.float32), np.array([0.2, 0.3], np.float32)
+    y = 0.95
+    weighted = -(0.8 * y * math.log(sig(0.4)) + 0.2 * (1 - y) * math.log(1 - sig(0.4)))
+    weighted += -(0.7 * 0.05 * math.log(sig(-1.2)) + 0.3 * 0.95 * math.log(1 - sig(-1.2)))
+    assert float(MultiLabelBCE(pos_w, neg_w, smoothing=0.1)(logits, targets)) == pytest.approx(weighted / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="smoothing"):
+        MultiLabelBCE(smoothing=1.0)
+
+
+def test_mixup_blends_images_and_labels_by_hand_and_keeps_unknown_labels_unknown():
+    from trainers.regularize import mix, mixup_batch
+
+    x = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])
+    mixed_x, mixed_y = mix(x, y, 0.75, torch.tensor([1, 2, 0]))
+    assert mixed_x.flatten().tolist() == [0.25, 1.25, 1.5]  # 0.75 * own + 0.25 * partner's
+    assert mixed_y.tolist() == [[0.75, 0.25], [0.25, -1.0], [1.0, -1.0]]
+    drawn = mixup_batch(x, y, 0.4, torch.Generator().manual_seed(3))
+    again = mixup_batch(x, y, 0.4, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again))  # reproducible from the epoch's seed
+    assert not torch.equal(drawn[0], x)
+
+
+def test_head_dropout_acts_in_training_only_and_keeps_the_checkpoint_keys():
+    from trainers.regularize import add_head_dropout
+
+    torch.manual_seed(0)
+    plain = build_model("resnet18")
+    dropped = build_model("resnet18")
+    dropped.load_state_dict(plain.state_dict())
+    add_head_dropout(dropped, "resnet18", 0.5)
+    assert list(dropped.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    plain.eval(), dropped.eval()
+    assert torch.allclose(plain(x), dropped(x))
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(plain(x), dropped(x))
+
+
+def test_weight_average_follows_the_ema_formula():
+    from trainers.regularize import weight_average
+
+    model = torch.nn.Linear(2, 1)
+    average = weight_average(model, 0.9)
+    first = model.weight.detach().clone()
+    average.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update_parameters(model)
+    assert torch.allclose(average.module.weight, 0.9 * first + 0.1 * (first + 1.0))

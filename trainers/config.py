@@ -78,6 +78,13 @@ class TrainConfig:
     contrast: float = option(0.2, "augmentation: contrast factor in [1 - contrast, 1 + contrast]")
     hflip: bool = option(False, "augmentation: horizontal flips (off by default: a mirrored chest puts the heart on the wrong side)")
 
+    # Regularisers for small data (trainers/regularize.py; measured in docs/small_data.md), all off by default.
+    label_smoothing: float = option(0.0, "move training targets to y(1 - e) + e/2 (0: off): against noisy, report-mined labels", metavar="E")
+    mixup: float = option(0.0, "mixup: blend image pairs and their labels with a Beta(a, a) weight (0: off; 0.2-0.4 typical)", metavar="A")
+    dropout: float = option(0.0, "dropout on the features entering the 14-way head (0: off)", metavar="P")
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this per-step decay (0: off; e.g. 0.99); "
+                              "validation and the checkpoint use the average", metavar="DECAY")
+
     workers: int = option(2, "Ray Train workers (DDP)")
     gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU; fractions allowed)")
     cpus_per_worker: float = option(0.5, "CPUs per worker (leave some for Ray Data reads)")
@@ -113,12 +120,12 @@ class TrainConfig:
             raise UserInputError(f"max_failures must be an integer >= -1 (-1: retry forever), got {self.max_failures!r}")
         for name in ("lr", "cpus_per_worker"):
             _positive(name, getattr(self, name))
-        for name in ("weight_decay", "gpus_per_worker", "rotate_deg", "shift", "shuffle_buffer", "under_ratio"):
+        for name in ("weight_decay", "gpus_per_worker", "rotate_deg", "shift", "shuffle_buffer", "under_ratio", "mixup"):
             _positive(name, getattr(self, name), allow_zero=True)
         _number("over_max_repeat", self.over_max_repeat)
         if self.over_max_repeat < 1:
             raise UserInputError(f"over_max_repeat must be >= 1, got {self.over_max_repeat!r}")
-        for name in ("scale", "contrast"):
+        for name in ("scale", "contrast", "label_smoothing", "dropout", "ema"):
             value = getattr(self, name)
             _number(name, value)
             if not 0 <= value < 1:

@@ -14,7 +14,6 @@ model is used, so ranks may run different numbers of batches.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -38,6 +37,7 @@ from trainers.inputs import StartedIterator, memory_batches, standardize, to_uni
 from trainers.losses import MultiLabelBCE
 from trainers.metrics import auroc_metrics
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
+from trainers.regularize import add_head_dropout, mixup_batch, weight_average
 from trainers.sampling import SamplingPlan
 
 
@@ -84,10 +84,12 @@ def _inputs(images: torch.Tensor, aug: Augment | None, generator: torch.Generato
 
 def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 aug: Augment | None, generator: torch.Generator, norm: tuple[float, float], amp: bool,
-                after_first_step: Callable[[], None] | None = None) -> tuple[float, int, float, float]:
+                after_first_step: Callable[[], None] | None = None, mixup: float = 0.0,
+                after_step: Callable[[], None] | None = None) -> tuple[float, int, float, float]:
     """One pass over ``batches``; returns (summed loss x images, images, seconds, seconds until the
     first batch arrived) for this worker. The last separates the input pipeline's start-up from
-    its steady state."""
+    its steady state. ``mixup`` > 0 mixes each batch (trainers.regularize); ``after_step`` runs
+    after every optimizer step (the weight average's update)."""
     set_train_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64)
     images, start, first_batch = 0, time.perf_counter(), math.nan
@@ -95,12 +97,17 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module,
         if images == 0:
             first_batch = time.perf_counter() - start
         x = _inputs(batch["image"], aug, generator, *norm, channels_last=amp)
+        targets = batch["labels"]
+        if mixup > 0:
+            x, targets = mixup_batch(x, targets, mixup, generator)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        loss = criterion(logits, batch["labels"])
+        loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(x)
         images += len(x)
         if images == len(x) and after_first_step is not None:
@@ -136,9 +143,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, rank: int, norm: tuple[floa
     return {"val_loss": val_loss, **auroc_metrics(labels, scores), "val_images": int(len(labels))}
 
 
-def _criterion(config: dict) -> MultiLabelBCE:
+def _criterion(config: dict, smoothing: float = 0.0) -> MultiLabelBCE:
     weights = config.get("class_weights")
-    return MultiLabelBCE(*map(np.asarray, weights)) if weights else MultiLabelBCE()
+    return MultiLabelBCE(*map(np.asarray, weights), smoothing=smoothing) if weights else MultiLabelBCE(smoothing=smoothing)
 
 
 def initial_model(cfg: TrainConfig) -> nn.Module:
@@ -169,21 +176,29 @@ def train_loop_per_worker(config: dict) -> None:
             model.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True))
             state, history = read_train_state(directory), read_history(directory)
         start_epoch = int(state["epoch"])
+        if "raw_model" in state:  # with --ema the checkpoint's model.pt is the average; training goes on from the raw weights
+            model.load_state_dict(state["raw_model"])
     elif config.get("init_weights") is not None:
         load_initial_weights(model, cfg.backbone, ray.get(config["init_weights"]))
     apply_freeze(model, cfg.backbone, cfg.effective_freeze)
+    if cfg.dropout > 0:
+        add_head_dropout(model, cfg.backbone, cfg.dropout)
     if amp:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)  # DDP's wrapped module: for evaluation and checkpoints
+    average = weight_average(core, cfg.ema) if cfg.ema > 0 else None
+    if average is not None and state is not None and "ema" in state:
+        average.load_state_dict(state["ema"])
+    scored = average.module if average is not None else core  # what validation scores and the checkpoint holds
 
     optimizer = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    criterion = _criterion(config).to(device)
-    cpu_criterion = copy.deepcopy(criterion).cpu()
+    criterion = _criterion(config, cfg.label_smoothing).to(device)
+    cpu_criterion = _criterion(config)  # validation loss against the true labels, unsmoothed
     aug = Augment.from_config(cfg)
     memory = ray.get(config["memory"]) if config.get("memory") is not None else None
     num_nodes = len(set(_all_gather(ray.get_runtime_context().get_node_id())))
@@ -209,6 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum, images, seconds, first_batch = train_epoch(
             model, batches, criterion, optimizer, aug, generator, norm, amp,
             after_first_step=lambda: _maybe_fail(cfg, epoch, rank, world),  # called within this epoch
+            mixup=cfg.mixup, after_step=(lambda: average.update_parameters(core)) if average is not None else None,
         )
         loss_all, images_all = _all_sum([loss_sum, images], device)
         timings = _all_gather((seconds, first_batch))
@@ -220,7 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_all / images_all,
-            **evaluate(core, cpu_criterion, rank, norm, amp, 2 * cfg.batch_size),
+            **evaluate(scored, cpu_criterion, rank, norm, amp, 2 * cfg.batch_size),
             "lr": lr,
             "train_images": int(images_all),
             "train_seconds": slowest,
@@ -237,7 +253,9 @@ def train_loop_per_worker(config: dict) -> None:
                 info = model_info(summary, config["image_size"], *norm, epoch + 1, metrics)
                 train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "seed": cfg.seed}
-                save_checkpoint(Path(tmp), core, info, train_state, history)
+                if average is not None:
+                    train_state.update(raw_model=core.state_dict(), ema=average.state_dict())
+                save_checkpoint(Path(tmp), scored, info, train_state, history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
         else:
