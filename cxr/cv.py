@@ -108,10 +108,11 @@ def _check_oof(oof: pd.DataFrame, plan: FoldPlan) -> None:
 
 def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_frac: float = 0.15, resume: bool = False,
            n_boot: int = 1000, subgroups: list[str] | None = None, progress: Callable[[str], None] = print,
-           max_concurrent: int | None = None) -> CVResult:
+           max_concurrent: int | None = None, verbose: bool = False) -> CVResult:
     """Patient-grouped ``folds``-fold cross-validation of ``base`` over every image of the run's
     shards, on the connected Ray cluster; writes ``<run>/cv/``. ``resume`` continues an interrupted
-    one (finished folds are not trained again). ``progress`` gets one line per finished fold."""
+    one (finished folds are not trained again). ``progress`` gets one line per finished fold (and,
+    ``verbose``, one per epoch of every fold)."""
     from evaluation.cv import cv_baselines, cv_metrics, mean_auroc, score_fold, shortfall_lines, write_cv_outputs
     from tuning.cv import fold_dir, run_folds
 
@@ -147,7 +148,8 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
     def on_error(fold: int, message: str) -> None:
         progress(f"cv: fold {fold}/{folds} {message}; the other folds go on")
 
-    runs = run_folds(run, base, run.cv, folds, resume=resume, on_done=on_done, on_error=on_error, max_concurrent=max_concurrent)
+    runs = run_folds(run, base, run.cv, folds, resume=resume, on_done=on_done, on_error=on_error, max_concurrent=max_concurrent,
+                     epoch_echo=(lambda line: progress(f"cv: {line}")) if verbose else None)
     failed = [r for r in runs if r.error is not None]
     unfinished = [r.fold for r in runs if r.error is None and not (r.out_dir / "best" / "model.json").is_file()]
     if failed or unfinished:  # a failed trial, or an interrupted fit (Ctrl-C): keep what finished

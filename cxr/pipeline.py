@@ -64,7 +64,8 @@ class Step:
 
 
 def _section(obj: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(obj).items() if k != "enabled"}
+    """The settings a stage's outputs depend on: switching it on, or printing more, changes nothing made."""
+    return {k: v for k, v in dataclasses.asdict(obj).items() if k not in ("enabled", "verbose")}
 
 
 def _stage_function(name: str) -> Callable[..., str]:

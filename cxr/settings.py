@@ -147,6 +147,7 @@ class TuneSection(Settings):
     freeze: list[str] = option(list(SEARCHED_FREEZES), "freeze strategies searched (default grid)", choices=FREEZE_CHOICES, flag="--freeze-grid")
     lr: list[float] = option([1e-4, 3e-3], "log-uniform learning-rate range searched: low,high", flag="--lr-range")
     resume: bool = option(False, "resume an interrupted search in <run>/tune", config=False)
+    verbose: bool = option(False, "also one line per epoch of every trial (default: one line per finished trial)")
 
     def check(self) -> None:
         require(self.num_samples >= 1 and self.grace_period >= 1,
@@ -174,6 +175,7 @@ class CvSection(Settings):
     bootstrap: int = option(1000, "bootstrap replicates (patients resampled) for the pooled out-of-fold intervals")
     subgroups: list[str] | None = option(None, _SUBGROUPS_HELP, metavar="COL[,COL...]")
     resume: bool = option(False, "continue an interrupted cross-validation in <run>/cv (finished folds are kept)", config=False)
+    verbose: bool = option(False, "also one line per epoch of every fold (default: one line per finished fold)")
 
     def check(self) -> None:
         require(self.folds >= 2, f"{{folds}} must be at least 2 (one fold would leave nothing to train on), got {self.folds}")

@@ -320,7 +320,7 @@ def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
     stats = current_shards(run)
     asha = settings.asha
     result = run_search(run, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
-                        grace_period=settings.grace_period)
+                        grace_period=settings.grace_period, epoch_echo=(lambda line: print(f"  {line}", flush=True)) if settings.verbose else None)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
     shown = result.table.drop(columns=[c for c in hidden if c in result.table])
@@ -499,7 +499,8 @@ def cv_stage(run: RunDir, settings: CvSection, base: TrainConfig) -> str:
 
     print(f"cv: {settings.folds} folds by patient of {base.backbone}, {base.epochs} epoch(s) each; one line per fold as it ends", flush=True)
     result = run_cv(run, base, settings.folds, seed=base.seed, val_frac=settings.val_frac, resume=settings.resume,
-                    n_boot=settings.bootstrap, subgroups=settings.subgroups, progress=lambda line: print(f"  {line}", flush=True))
+                    n_boot=settings.bootstrap, subgroups=settings.subgroups, verbose=settings.verbose,
+                    progress=lambda line: print(f"  {line}", flush=True))
     return cv_summary(result)
 
 

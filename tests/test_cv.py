@@ -144,11 +144,15 @@ def phantom_cv_run(tmp_path_factory):
 def test_cv_end_to_end_scores_every_image_once_and_resumes(ray_local, phantom_cv_run, capsys):
     run = phantom_cv_run
     lines: list[str] = []
-    result = run_cv(run, TrainConfig(**BASE), 3, seed=0, n_boot=200, progress=lines.append)
+    result = run_cv(run, TrainConfig(**BASE), 3, seed=0, n_boot=200, progress=lines.append, verbose=True)
     out = run.cv
     assert sorted(result.trained) == [1, 2, 3] and result.resumed == []
-    assert sum("held-out mean AUROC" in line for line in lines) == 3  # one line per fold, as it finished
-    assert all(f"/3 done in" in line for line in lines)
+    fold_lines = [line for line in lines if "held-out mean AUROC" in line]
+    assert len(fold_lines) == 3 and all("/3 done in" in line for line in fold_lines)  # one line per fold, as it finished
+    epochs = TrainConfig(**BASE).epochs  # --verbose: and one per epoch of every fold
+    epoch_lines = [line for line in lines if line.startswith("cv: fold ") and "  epoch " in line]
+    assert sorted((line.split()[2], line.split()[4]) for line in epoch_lines) == sorted((str(k), f"{e}/{epochs}") for k in (1, 2, 3) for e in range(1, epochs + 1))
+    assert len(lines) == len(fold_lines) + len(epoch_lines)
 
     # Every image of the shards scored exactly once, by the fold that held its patient out.
     oof = pd.read_parquet(out / "oof_predictions.parquet")

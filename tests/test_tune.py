@@ -25,10 +25,14 @@ BASE = dict(backbone="resnet18", weights="none", freeze="none", batch_size=8, wo
 def test_four_trial_search_writes_a_sorted_table_and_a_loadable_best(ray_local, tmp_path, capsys):
     run = write_run(tmp_path / "run", n_train=48, n_val=24, image_size=32)
     space = default_space(lr=(1e-3, 3e-3), sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",))
-    result = run_search(RunDir(run), TrainConfig(**BASE), space, num_samples=1, asha=False)
+    epoch_lines: list[str] = []
+    result = run_search(RunDir(run), TrainConfig(**BASE), space, num_samples=1, asha=False, epoch_echo=epoch_lines.append)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]  # one line per finished trial
     assert all("best val mean AUROC" in line and "2/2 epochs" in line for line in progress)
+    # --verbose: one line per epoch of every trial, the line `cxr train` prints, named by its trial
+    assert sorted((line.split()[1], line.split()[3]) for line in epoch_lines) == sorted((str(k), e) for k in range(1, 5) for e in ("1/2", "2/2"))
+    assert all(line.startswith("trial ") and "train loss" in line and "val mean AUROC" in line for line in epoch_lines)
 
     table = pd.read_csv(run / "tune" / "results.csv")
     assert len(table) == 4

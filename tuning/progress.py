@@ -1,9 +1,10 @@
-"""A search you can watch: one line per trial as it finishes (Tune calls its callbacks in the driver)."""
+"""A search you can watch: one line per trial as it finishes (Tune calls its callbacks in the driver),
+and with ``--verbose`` one line per epoch of every trial or fold as Tune receives it."""
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 
@@ -11,6 +12,7 @@ from pipelines.formatting import duration
 
 from tuning.results import METRIC
 from trainers.config import STRATEGY_AXES
+from trainers.progress import epoch_line
 
 
 def _echo(line: str) -> None:
@@ -58,3 +60,29 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._line(trials, trial, error=str(getattr(trial, "error_msg", None) or "see tune/results.csv").splitlines()[0][:120])
+
+
+class TrialEpochLines(tune.Callback):
+    """``--verbose``: each epoch a trial reports, as ``trial 3  epoch 2/4  train loss ...`` (or
+    ``fold 2  epoch ...``), the same line ``cxr train`` prints. ``label(trial, index)`` names the
+    trial; ``index`` counts trials in the order they started."""
+
+    def __init__(self, epochs: int, label: Callable[[Any, int], str], echo: Callable[[str], None] = _echo) -> None:
+        self.epochs, self.label, self.echo = epochs, label, echo
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.state.setdefault(trial.trial_id, {"index": len(self.state) + 1, "started": time.monotonic(), "best": -math.inf, "first": None})
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if "epoch" not in result:
+            return
+        state = self.state.setdefault(trial.trial_id, {"index": len(self.state) + 1, "started": time.monotonic(), "best": -math.inf, "first": None})
+        epoch = int(result["epoch"])
+        if state["first"] is None:
+            state["first"] = int(result.get("start_epoch", epoch - 1))
+        line = epoch_line(result, self.epochs, state["best"], time.monotonic() - state["started"], epoch - state["first"])
+        auroc = result.get("val_mean_auroc", math.nan)
+        if auroc == auroc:
+            state["best"] = max(state["best"], auroc)
+        self.echo(f"{self.label(trial, state['index'])}  {line}")

@@ -7,7 +7,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import ray
@@ -18,7 +18,7 @@ from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 from trainers import TrainConfig
 from trainers.publish import publish_best
-from tuning.progress import TrialLines, trial_count
+from tuning.progress import TrialEpochLines, TrialLines, trial_count
 from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
 from tuning.trial import run_trial
 
@@ -96,8 +96,10 @@ def run_search(
     reduction_factor: int = 2,
     resume: bool = False,
     max_concurrent: int | None = None,
+    epoch_echo: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster."""
+    """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster.
+    ``epoch_echo``: also one line per epoch of every trial (``cxr tune --verbose``)."""
     out = run.tune
     storage = (out / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,11 @@ def run_search(
         num_samples=num_samples,
         max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()),
     )
+    callbacks = [TrialLines(trial_count(space, num_samples), base.epochs)]
+    if epoch_echo is not None:
+        callbacks.append(TrialEpochLines(base.epochs, lambda trial, index: f"trial {index}", epoch_echo))
     tuner = open_tuner(storage / SEARCH_NAME, trainable, param_space, resume, tune_config, what="search",
-                       remedy="run `cxr tune` without --resume first", callbacks=[TrialLines(trial_count(space, num_samples), base.epochs)])
+                       remedy="run `cxr tune` without --resume first", callbacks=callbacks)
     if asha and not state_api_reachable():
         warnings.warn(
             "the cluster has no Ray dashboard, so trials ASHA stops keep their workers' CPUs/GPUs "
