@@ -162,7 +162,7 @@ def test_card_reads_the_run_files_and_a_changed_metric_shows_in_it(run):
     assert model["sha256"] == hashlib.sha256(b"weights of the model").hexdigest() and model["sha256"] in md
     assert model["recipe"]["freeze"] == "partial" and model["recipe"]["loss"] == "weighted" and model["starting_weights"] == "imagenet"
     assert "NLP-mined from the radiology reports" in md and "90%" in md  # NIH's label source and its noise
-    assert "not for clinical" in md.lower() or "Clinical decisions of any kind" in md
+    assert "Clinical decisions of any kind" in md and "this is a research model, not a medical device" in md
     test_count = json.loads(run.split_report.read_text())["counts"]["test"]
     assert f"| test | {test_count['images']:,} | {test_count['patients']:,} |" in md
 
@@ -290,3 +290,31 @@ def test_card_on_the_real_evaluated_phantom_run(evaluated_run):
     assert estimate(metrics["mean"]["auroc"], metrics["mean"]["ci_low"], metrics["mean"]["ci_high"]) in md
     # the phantoms carry 5 findings: the other 9 have no positive test image, said as a limitation
     assert any(t.startswith("No positive test image of Atelectasis") for t in _limits(card, "few_positives"))
+
+
+def test_subgroups_external_sets_and_cross_validation_enter_the_card(run, capsys):
+    groups = pd.read_csv(run.eval / "subgroups.csv")
+    ward = (groups["attribute"] == "cohort") & (groups["group"] == "ward") & (groups["finding"] == "mean")
+    groups.loc[ward, ["auroc", "ci_low", "ci_high"]] = [0.41, 0.32, 0.5]
+    groups.to_csv(run.eval / "subgroups.csv", index=False)
+    external = _metrics(run)
+    external["mean"].update(auroc=0.52, ci_low=0.44, ci_high=0.6)
+    (run.external("site-b") / "eval").mkdir(parents=True)
+    RunDir(run.external("site-b")).eval_metrics.write_text(json.dumps(external))
+    run.cv.mkdir()
+    (run.cv / "metrics.json").write_text(json.dumps({
+        "folds": 3, "n_images": 300, "n_patients": 150, "mean": {"auroc": 0.71, "ci_low": 0.66, "ci_high": 0.76},
+        "fold_mean_auroc": {"mean": 0.7, "sd": 0.03, "n": 3}, "warnings": ["Overall, the model is not shown to beat X"]}))
+
+    card = build_card(run)
+    md = card_markdown(card)
+    assert any(t.startswith("On cohort ward (30 images") and "0.41 [0.32-0.50]" in t for t in _limits(card, "subgroup"))
+    assert next(g for g in card["sections"]["subgroups"]["groups"] if g["group"] == "ward")["below_overall"]
+    assert "| cohort | ward | 30 / 15 | 0.41 [0.32-0.50] |" in md and "**below overall**" in md
+    assert _limits(card, "external")[0].startswith("On external set site-b") and "**site-b**: mean AUROC **0.52 [0.44-0.60]**" in md
+    assert _limits(card, "cv") == ["In cross-validation: Overall, the model is not shown to beat X"]
+    assert "Pooled out-of-fold mean AUROC **0.71 [0.66-0.76]**" in md and "per fold 0.70 ± 0.03" in md
+    assert card["sections"]["metrics"]["external"]["status"] == card["sections"]["metrics"]["cv"]["status"] == "present"
+
+    assert main(["card", "--run", str(run.root), "--max-drop", "2"]) == 1
+    assert "--max-drop must be between 0 and 1, got 2.0" in capsys.readouterr().err
