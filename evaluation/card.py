@@ -22,9 +22,11 @@ from typing import Any
 import pandas as pd
 
 from evaluation.baselines import WORDS, not_shown_to_beat, verdict
+from evaluation.card_markdown import card_markdown
 from evaluation.external import below_internal, external_metrics
 from evaluation.metrics import nan_to_none
 from evaluation.subgroups import MEAN, below_overall, not_beating_baselines
+from pipelines.atomic import write_json, write_text
 from pipelines.errors import UserInputError
 from pipelines.formatting import estimate, number, percent, signed
 from pipelines.rundir import INFO_FILE, MODEL_FILE, RunDir
@@ -75,9 +77,6 @@ def build_card(run: RunDir, min_positives: int = MIN_TEST_POSITIVES, max_drop: f
 
 def write_card(run: RunDir, min_positives: int = MIN_TEST_POSITIVES, max_drop: float = MAX_ROBUSTNESS_DROP) -> dict[str, Any]:
     """Write ``<run>/model_card.json`` and ``<run>/model_card.md`` (each by one rename); returns the card."""
-    from evaluation.card_markdown import card_markdown
-    from pipelines.atomic import write_json, write_text
-
     card = build_card(run, min_positives, max_drop)
     write_json(run.model_card_json, card)
     write_text(run.model_card, card_markdown(card))
