@@ -318,3 +318,13 @@ def test_subgroups_external_sets_and_cross_validation_enter_the_card(run, capsys
 
     assert main(["card", "--run", str(run.root), "--max-drop", "2"]) == 1
     assert "--max-drop must be between 0 and 1, got 2.0" in capsys.readouterr().err
+
+
+def test_cxr_run_and_the_demo_write_the_card_after_the_evaluations_and_before_the_report(tmp_path):
+    from cxr.demo import demo_config
+    from cxr.pipeline import build_stages, enabled_stages, upstream
+
+    config = demo_config(str(tmp_path / "demo"))
+    assert [s.name for s in build_stages(config)][-3:] == ["explain", "card", "report"]
+    on = enabled_stages(config)
+    assert {"evaluate", "explain"} <= set(upstream("card", on)) and "card" in upstream("report", on)
