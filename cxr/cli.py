@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.settings import (
-    RAY_STAGES, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
+    RAY_STAGES, CardSection, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
     PredictSettings, PreprocessSection, RunSection, SplitSection, TuneSection, ValidateSection,
 )
 from pipelines.errors import UserInputError
@@ -52,6 +52,8 @@ VERBS = (
          (("external", ExternalSet, ()),)),
     Verb("explain", "Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes",
          (("explain", ExplainSection, ()), ("images", ExplainImages, ())), run="optional"),
+    Verb("card", "the model card: <run>/model_card.md + model_card.json, every fact and limitation read from the run's files",
+         (("card", CardSection, ()),)),
     Verb("report", "one self-contained HTML page for the run: <run>/report.html"),
     Verb("predict", "the 14 finding probabilities for image files, from a checkpoint alone", (("predict", PredictSettings, ()),), run=""),
     Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", DemoSettings, ()),)),

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from cxr.settings import (  # re-exported: the sections are the config's parts
-    SOURCES, Config, CvSection, DataSection, EdaSection, EvaluateSection, ExplainSection, ExternalSet, PreprocessSection,
+    SOURCES, CardSection, Config, CvSection, DataSection, EdaSection, EvaluateSection, ExplainSection, ExternalSet, PreprocessSection,
     ReportSection, RunSection, SplitSection, TrainSection, TuneSection, ValidateSection,
 )
 from pipelines.errors import CxrError
@@ -27,7 +27,7 @@ from pipelines.options import SettingError, meta
 from trainers.config import TrainConfig
 
 __all__ = [
-    "SOURCES", "Config", "ConfigError", "CvSection", "DataSection", "EdaSection", "EvaluateSection", "ExplainSection", "ExternalSet",
+    "SOURCES", "CardSection", "Config", "ConfigError", "CvSection", "DataSection", "EdaSection", "EvaluateSection", "ExplainSection", "ExternalSet",
     "PreprocessSection", "ReportSection", "RunSection", "SplitSection", "TrainSection", "TuneSection", "ValidateSection", "load_config",
 ]
 

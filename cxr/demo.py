@@ -6,7 +6,7 @@ defaults; a test keeps the two equal), so the two cannot drift apart.
 from __future__ import annotations
 
 from cxr.settings import (
-    Config, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainSection, PreprocessSection, ReportSection, RunSection,
+    CardSection, Config, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainSection, PreprocessSection, ReportSection, RunSection,
     SplitSection, TrainSection, TuneSection, ValidateSection,
 )
 from pipelines.rundir import RunDir
@@ -31,6 +31,7 @@ def demo_config(run_dir: str, demo: DemoSettings | None = None) -> Config:
         tune=TuneSection(enabled=demo.tune, base={"workers": 1}, num_samples=1, asha=True, grace_period=1, **DEMO_TUNE),
         evaluate=EvaluateSection(enabled=True),
         explain=ExplainSection(enabled=True),
+        card=CardSection(enabled=True),
         report=ReportSection(enabled=True),
     )
 

@@ -27,7 +27,7 @@ from cxr.storage import open_run
 from pipelines.atomic import write_json
 from pipelines.rundir import CHECKPOINT_ORDER, RunDir
 
-STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report")
+STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "card", "report")
 # What each stage reads: a disabled dependency is replaced by its own dependencies.
 DEPS: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -41,7 +41,8 @@ DEPS: dict[str, tuple[str, ...]] = {
     "evaluate": ("train", "tune"),
     "external": ("evaluate",),  # the model, and the internal figure its summary compares with
     "explain": ("train", "tune"),
-    "report": ("eda", "cv", "evaluate", "external", "explain"),
+    "card": ("cv", "evaluate", "external", "explain"),  # its facts; the model and the split come through them
+    "report": ("eda", "cv", "evaluate", "external", "explain", "card"),
 }
 STAMP_DIR = ".stages"
 
@@ -167,6 +168,9 @@ def build_stages(config: Config) -> list[Stage]:
         sets = [(x, with_checkpoint(x, x.checkpoint or given)) for x in config.external]
         table["external"] = Stage("external", {"external": [dataclasses.asdict(x) for x in config.external], "checkpoint": given},
                                   lambda run, r: "\n".join(stages.external_stage(run, resolved(run)) for _, resolved in sets))
+    if "card" in on:
+        card = _stage_function("card")
+        table["card"] = Stage("card", {"card": _section(config.card)}, lambda run, r: card(run, config.card))
     if "report" in on:
         report = _stage_function("report")
         table["report"] = Stage("report", {}, lambda run, r: report(run))
@@ -277,6 +281,8 @@ def run_pipeline(config: Config, force: bool = False, echo: Callable[[str], None
     skipped = [s.stage.name for s in steps if not s.reason]
     lines = [f"run: {len(ran)} stage(s) run ({', '.join(ran) or 'none'}), {len(skipped)} skipped as done ({', '.join(skipped) or 'none'}) in {time.monotonic() - started:.1f}s",
              f"outputs in {config.run.dir}"]
+    if run.model_card.exists():
+        lines.append(f"model card: {config.run.dir.rstrip('/')}/{run.model_card.name}")
     if run.report.exists():
         lines.append(f"report: {config.run.dir.rstrip('/')}/report.html")
     return "\n".join(lines)

@@ -228,6 +228,19 @@ class ExplainSection(Settings):
 
 
 @dataclass
+class CardSection(Settings):
+    """The model card (``cxr card``): the thresholds its limitations are derived by."""
+
+    enabled: bool = option(True, cli=False)
+    min_positives: int = option(10, "a finding with fewer positive test images than this is named a limitation (its AUROC is too uncertain)", metavar="N")
+    max_drop: float = option(0.05, "a perturbation costing more mean AUROC than this is named a limitation", metavar="AUROC")
+
+    def check(self) -> None:
+        require(self.min_positives >= 1, f"{{min_positives}} must be >= 1, got {self.min_positives}")
+        require(0 < self.max_drop < 1, f"{{max_drop}} must be between 0 and 1, got {self.max_drop}")
+
+
+@dataclass
 class ReportSection(Settings):
     enabled: bool = option(True, cli=False)
 
@@ -247,6 +260,7 @@ class Config:
     cv: CvSection = field(default_factory=CvSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     explain: ExplainSection = field(default_factory=ExplainSection)
+    card: CardSection = field(default_factory=CardSection)
     report: ReportSection = field(default_factory=ReportSection)
     external: list[ExternalSet] = field(default_factory=list)
 

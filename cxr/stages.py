@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.settings import (
-    CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
+    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
     ValidateSection,
 )
 from pipelines.atomic import staged_dir, write_json, write_text
@@ -524,6 +524,23 @@ def predict_stage(settings: PredictSettings) -> str:
     if settings.csv:
         frame.to_csv(settings.csv, index=False)
     return format_predictions(frame) + (f"\nwrote {settings.csv}" if settings.csv else "")
+
+
+def card_stage(run: RunDir, settings: CardSection) -> str:
+    """The model card, ``<run>/model_card.md`` and ``model_card.json``: every fact read from the
+    run's files, the limitations derived from its numbers, absent parts named with their command."""
+    from evaluation.card import write_card
+
+    card = write_card(run, min_positives=settings.min_positives, max_drop=settings.max_drop)
+    parts = {**{k: v for k, v in card["sections"].items() if k != "metrics"},
+             **{f"metrics ({k})": v for k, v in card["sections"]["metrics"].items()}}
+    missing = [name.replace("_", " ") for name, part in parts.items() if part.get("status") == "missing"]
+    limits = card["limitations"]
+    lines = [f"card: {len(parts) - len(missing)} of {len(parts)} sections from the run's files; {len(limits)} limitation(s) from the numbers",
+             *[f"  ! {x['text']}" for x in limits],
+             *([f"  not evaluated: {', '.join(missing)}"] if missing else []),
+             f"wrote {run.model_card}, {run.model_card_json}"]
+    return "\n".join(lines)
 
 
 def report_stage(run: RunDir) -> str:

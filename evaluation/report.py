@@ -541,6 +541,50 @@ def _external_section(metrics: dict | None, externals: dict[str, dict], flags: l
                     "Here the same model is scored on collections it has never seen.", body)
 
 
+def _card_section(run: RunDir) -> str:
+    """The model card (``cxr card``) as the report shows it: what the model is and is for, what it
+    learned from, the limitations its numbers show, and links to the card's own files. Without a
+    card, or with one older than the files it was made from, the section says which command to run."""
+    from evaluation.card import read_card, stale_inputs
+    from evaluation.card_markdown import SECTION_TITLES
+
+    title, howto = "Model card", ("What the model is, what it is for and not for, what it learned from, and where its own "
+                                  "numbers say it fails. Every line is read or derived from the run's files by <code>cxr card</code>.")
+    card = read_card(run)
+    if card is None:
+        return _section("card", title, howto, f'<p class="note">No model card yet: run <code>cxr card --run {_e(run.root)}</code> '
+                                              "to write model_card.md and model_card.json, then this report again.</p>")
+    parts, body = card["sections"], []
+    changed = stale_inputs(run, card)
+    if changed:
+        body.append(f'<div class="failures"><h3>This card is out of date</h3><p>Changed since it was made: {_e(", ".join(changed))}. '
+                    f"Run <code>cxr card --run {_e(run.root)}</code> again.</p></div>")
+    model = parts["model"]
+    if model.get("status") == "present":
+        recipe = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in model["recipe"].items()) or "not recorded"
+        rows = [["checkpoint", f"<code>{_e(model['checkpoint'])}</code> ({_e(model['made_by'])})"],
+                ["backbone, starting weights", f"{_e(model['backbone'])}, {_e(model.get('starting_weights') or 'not recorded')}"],
+                ["recipe", _e(recipe)], ["written", _e(model.get("trained") or "—")],
+                ["SHA-256 of model.pt", f"<code>{_e(model.get('sha256') or 'model.pt missing')}</code>"]]
+        body.append("<h3>Model details</h3>" + _table(["", ""], rows, compact=True))
+    use = parts["intended_use"]
+    body.append(f"<h3>Intended use</h3><p>{_e(use['primary'][0].upper() + use['primary'][1:])}.</p><p><b>Out of scope:</b></p><ul>"
+                + "".join(f"<li>{_e(x)}.</li>" for x in use["out_of_scope"]) + "</ul>")
+    training = parts["training_data"]
+    if training.get("status") == "present":
+        body.append(f"<h3>Training data</h3><p>{_e(training['collection'])}. Labels: {_e(training['label_source'])}.</p>")
+    body.append(_failures_box([x["text"] for x in card["limitations"]], "Limitations (derived from the numbers)")
+                or '<p class="note">None of the card\'s rules found a limitation in the sections evaluated.</p>')
+    missing = [f"{SECTION_TITLES[k]}: {v['missing']}" for k, v in parts.items() if v.get("status") == "missing"]
+    missing += [f"Metrics ({k}): {v['missing']}" for k, v in parts["metrics"].items() if v.get("status") == "missing"]
+    if missing:
+        body.append("<h3>Not evaluated</h3><ul>" + "".join(f"<li>{_e(m)}</li>" for m in missing) + "</ul>")
+    links = " · ".join(_link(p, run.root, p.name) for p in (run.model_card, run.model_card_json) if p.exists())
+    body.append(f'<p class="note">The whole card, with every metric, subgroup, baseline and robustness figure: {links}; '
+                f"made {_e(card['generated'])}.</p>")
+    return _section("card", title, howto, "".join(body))
+
+
 def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -> str:
     cards = []
     if metrics:
@@ -571,7 +615,7 @@ def _glance(metrics: dict | None, run: RunDir, external_flags: list[str] = ()) -
         for label, value, detail in cards) + "</div></section>"
 
 
-NAV_TITLES = {"summary": "At a glance", "data": "Data", "splits": "Splits", "training": "Training",
+NAV_TITLES = {"summary": "At a glance", "card": "Model card", "data": "Data", "splits": "Splits", "training": "Training",
               "discrimination": "AUROC", "baselines": "Baselines", "operating-points": "Operating points", "calibration": "Calibration",
               "robustness": "Robustness", "subgroups": "Subgroups", "external": "External", "cv": "Cross-validation",
               "explanations": "Grad-CAM"}
@@ -586,7 +630,7 @@ def write_report(run: RunDir) -> Path:
         training = _training_section(run, Path(scratch))
     externals = external_metrics(run)
     flags = [w for name, m in externals.items() if (w := below_internal(name, m, metrics))]
-    sections = [_glance(metrics, run, flags), _data_section(run), _splits_section(run), training]
+    sections = [_glance(metrics, run, flags), _card_section(run), _data_section(run), _splits_section(run), training]
     if metrics:
         sections += [_discrimination_section(metrics, run.eval), _baseline_section(metrics), _operating_section(metrics),
                      _calibration_section(metrics, run.eval), _robustness_section(metrics, run.eval),

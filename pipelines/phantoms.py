@@ -26,6 +26,9 @@ from pipelines.sources.nih import BOX_HEADER
 # The findings a phantom can carry, in FINDINGS order.
 PLANTED: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")
 MIN_POSITIVES = 3  # every planted finding gets at least this many positive images (if there are as many images)
+# Where the labels come from and how far to trust them (the model card's "training data").
+LABEL_NOTE = ("synthetic: each label says exactly which finding was drawn into the phantom, so the labels have no noise, "
+              "and the images are not radiographs: figures on them say nothing about real patients")
 
 NIH_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

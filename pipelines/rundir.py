@@ -78,6 +78,8 @@ class RunDir:
     explain = At("explain", doc="Grad-CAM gallery and the pointing game (``cxr explain``).")
     explain_pointing = At("explain", "pointing.json", doc="The pointing game's summary (hit rate against the random-point baseline).")
     report = At("report.html", doc="The run's one-page HTML report (``cxr report``).")
+    model_card = At("model_card.md", doc="The model card (``cxr card``): what the model is, what it was trained and tested on, how well it does, for whom, and where it fails.")
+    model_card_json = At("model_card.json", doc="The model card's facts as JSON, the ones ``model_card.md`` and the report's card section show.")
 
     # external validation, cross-validation
     externals = At("external", doc="The folder of every external validation set (``external(NAME)`` is one of them).")

@@ -203,6 +203,11 @@ class FakeStages:
         (run.root / "explain" / "gallery.png").write_bytes(b"x")
         return self._log("explain", checkpoint=_path(settings.checkpoint))
 
+    def card_stage(self, run, settings):
+        run.model_card.write_text(f"min positives {settings.min_positives}")
+        run.model_card_json.write_text("{}")
+        return self._log("card", min_positives=settings.min_positives)
+
     def report_stage(self, run):
         (run.root / "report.html").write_text("<html>")
         return self._log("report")
@@ -244,13 +249,14 @@ def test_a_second_run_skips_everything_and_force_reruns_everything(fake, tmp_pat
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report"]),
-    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "report"]),
-    ("train.lr=0.001", ["train", "tune", "cv", "evaluate", "external", "explain", "report"]),  # trials and folds start from train's settings
-    ("tune.num_samples=2", ["tune", "evaluate", "external", "explain", "report"]),
-    ("cv.folds=4", ["cv", "report"]),
-    ("external=[{name: site-b, source: manifest, csv: labels.csv, images: ., drop_overlap: true}]", ["external", "report"]),
+    ("split.seed=1", ["split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "card", "report"]),
+    ("preprocess.image_size=128", ["preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "card", "report"]),
+    ("train.lr=0.001", ["train", "tune", "cv", "evaluate", "external", "explain", "card", "report"]),  # trials and folds start from train's settings
+    ("tune.num_samples=2", ["tune", "evaluate", "external", "explain", "card", "report"]),
+    ("cv.folds=4", ["cv", "card", "report"]),
+    ("external=[{name: site-b, source: manifest, csv: labels.csv, images: ., drop_overlap: true}]", ["external", "card", "report"]),
     ("eda.sample_size=8", ["eda", "report"]),
+    ("card.min_positives=5", ["card", "report"]),
     ("report.enabled=false", []),
 ])
 def test_a_changed_setting_reruns_its_stage_and_everything_after_it(fake, tmp_path, override, expected):
@@ -286,7 +292,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(fake, tmp_path, monkeypatch
     assert [n for n, _ in fake.calls] == ["ingest", "validate", "split", "preprocess", "eda", "train"]
     stamp = json.loads((Path(config.run.dir) / ".stages" / "tune.json").read_text())
     assert stamp["status"] == "started"
-    assert ran(fake, config) == ["tune", "cv", "evaluate", "external", "explain", "report"]
+    assert ran(fake, config) == ["tune", "cv", "evaluate", "external", "explain", "card", "report"]
     assert fake.calls[0][1] == {"resume": True, "workers": 1}  # Tune restores its own search; trials use tune.base
 
 
@@ -362,7 +368,7 @@ def test_real_ingest_and_split_on_a_file_uri_run_dir_skip_and_rerun(tmp_path):
         "data": {"source": "phantoms", "patients": 12, "phantom_size": 64, "seed": 0},
         "validate": {"enabled": False},
         "split": {"test_frac": 0.2, "val_frac": 0.2, "min_positives": 1, "seed": 0},
-        **{name: {"enabled": False} for name in ("preprocess", "eda", "train", "evaluate", "explain", "report")},
+        **{name: {"enabled": False} for name in ("preprocess", "eda", "train", "evaluate", "explain", "card", "report")},
     })
     log: list[str] = []
     summary = run_pipeline(load_config(path), echo=log.append)

@@ -26,7 +26,7 @@ import yaml
 from cxr import jobs, stages
 
 BIN = Path(sys.executable).parent  # the venv's bin: `cxr` and `ray` live beside this Python
-LATER_STAGES = ("evaluate", "explain", "report")
+LATER_STAGES = ("evaluate", "explain", "card", "report")
 
 
 def _free_ports(n: int) -> list[int]:

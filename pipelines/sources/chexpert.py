@@ -14,6 +14,10 @@ _PATIENT = re.compile(r"(patient\d+)")
 _STUDY = re.compile(r"study(\d+)")
 # CheXpert writes 1.0 / 0.0 / -1.0 / blank; blank = not mentioned = negative (CheXpert's convention).
 _VALUES = {"1": POSITIVE, "1.0": POSITIVE, "0": NEGATIVE, "0.0": NEGATIVE, "-1": UNCERTAIN, "-1.0": UNCERTAIN, "": NEGATIVE}
+# Where the labels come from and how far to trust them (the model card's "training data").
+LABEL_NOTE = ("extracted from the radiology reports by the CheXpert labeler (Irvin et al., AAAI 2019), with an explicit "
+              "uncertain class (-1); a finding the report does not mention counts as negative, so the labels carry the "
+              "labeler's and the reports' errors")
 
 
 def _view(frontal_lateral: str, ap_pa: str) -> str:

@@ -11,6 +11,8 @@ from pipelines.sources.base import ParsedSource, Reject, first_reject, manifest_
 
 GENERIC_REQUIRED = ("image_id", "path", "patient_id")
 OPTIONAL = ("study", "age", "sex", "view", "source", *OPTIONAL_COLUMNS)
+# Where the labels come from and how far to trust them (the model card's "training data").
+LABEL_NOTE = "as supplied in the manifest: their origin and accuracy are whatever its maker says (not recorded by cxr)"
 
 
 def _read(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[Reject]]:

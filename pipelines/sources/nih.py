@@ -16,6 +16,11 @@ BOX_FILES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")  # beside the label 
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 # NIH's box file says "Infiltrate" where its label file (and FINDINGS) says "Infiltration".
 _BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+# Where the labels come from and how far to trust them (the model card's "training data"):
+# ChestX-ray14's labels were text-mined from the reports, not read off the images.
+LABEL_NOTE = ("NLP-mined from the radiology reports (Wang et al., CVPR 2017), not read from the images by a radiologist; "
+              "the authors report above 90% accuracy for the mining, so roughly one label in ten may be wrong, and every "
+              "figure measured against these labels inherits that noise")
 
 NIH_REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 
