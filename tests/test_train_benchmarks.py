@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks.gpu_train import main
+from trainers.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -20,3 +21,18 @@ def test_gpu_benchmark_cpu_path_measures_both_feeds(tmp_path):
     for feed in ("ray_data", "memory"):
         assert report[feed]["images_per_s"] > 0 and report[feed]["train_images_per_epoch"] == 32
     assert stored["ratio"] > 0
+
+
+def test_recipe_benchmark_compares_the_recipe_with_the_defaults_on_the_same_footing():
+    """benchmarks/recipe_speed.py: both arms share backbone, weights, batch and workers; only the
+    recipe's own settings differ (checked without training: the script's timing runs are docs)."""
+    from benchmarks.recipe_speed import SHARED, arms
+
+    recipe = TrainConfig(backbone="resnet18", weights="none", batch_size=16, workers=1, epochs=30, patience=5,
+                         mixup=0.2, ema=0.99, label_smoothing=0.1, weight_decay=0.05)
+    both = arms(recipe, epochs=3)
+    defaults, measured = both["defaults"].to_dict(), both["recipe"].to_dict()
+    assert all(defaults[k] == measured[k] for k in SHARED) and defaults["epochs"] == measured["epochs"] == 3
+    differs = {k for k in measured if measured[k] != defaults[k]}
+    assert differs == {"mixup", "ema", "label_smoothing", "weight_decay"}
+    assert defaults["mixup"] == TrainConfig().mixup and defaults["patience"] is None
