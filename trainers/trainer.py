@@ -36,6 +36,7 @@ from trainers.progress import printed_epochs
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
 from trainers.weights import initial_state_dict
+from trainers.xrv import published, xrv_name
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,12 @@ def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None
     if cfg.weights == "none" and cfg.effective_freeze != "none":
         logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.effective_freeze)
 
-    init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
+    name = xrv_name(cfg.weights)
+    trained_at = published(name).get("input_resolution") if name else None
+    if trained_at and trained_at != image_size:
+        logger.warning("%s was trained on %dx%d images; these shards are %dx%d (it still loads; preprocess at %d to match it)",
+                       cfg.weights, trained_at, trained_at, image_size, image_size, trained_at)
+    init = initial_state_dict(cfg.weights, cfg.backbone, cfg.weights_dir, cfg.seed)  # fails here, before any worker starts
     labels = train_label_matrix(run.shards, cfg.uncertain, rows.train)
     plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
