@@ -29,6 +29,8 @@ from trainers.models import build_model, load_initial_weights
 from trainers.weights import WeightsUnavailableError, initial_state_dict
 from trainers.xrv import XRV_WEIGHTS, file_name, read_xrv_file, xrv_initial_state
 
+# Where the real published files may lie on this machine (read before the tests point HOME elsewhere).
+REAL_DIRS = [Path(d).expanduser() for d in (os.environ.get("CXR_WEIGHTS_DIR"), "~/.torchxrayvision/models_data") if d]
 LEGACY, ZIP = "densenet121-res224-nih", "densenet121-res224-chex"  # two DenseNet files, one per torch format
 RESNET = "resnet50-res512-all"
 
@@ -207,3 +209,25 @@ def test_a_checkpoint_from_xrv_weights_predicts_the_same_through_training_evalua
     assert cli.main(["predict", str(result.best_checkpoint_dir), *map(str, paths), "--csv", str(csv)]) == 0
     predicted = pd.read_csv(csv)[[f"prob_{f}" for f in FINDINGS]].to_numpy()
     np.testing.assert_allclose(predicted, evaluated, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(XRV_WEIGHTS))
+def test_the_real_published_files_map_onto_our_backbones(name):
+    """With the real files (README: "How to check with the real files"), loaded safely and mapped,
+    our model computes torchxrayvision's raw outputs for every shared finding. Skips without them."""
+    folder = next((d for d in REAL_DIRS if (d / file_name(name)).is_file()), None)
+    if folder is None:
+        pytest.skip(f"{file_name(name)} not in {', '.join(map(str, REAL_DIRS))}")
+    backbone = XRV_WEIGHTS[name]
+    start = xrv_initial_state(name, backbone, str(folder))
+    model = build_model(backbone)
+    load_initial_weights(model, backbone, start.state)
+    reference = xrv.models.get_model(name, cache_dir=str(folder))  # torchxrayvision's own (unrestricted) loader
+    size = start.input_resolution
+    x = torch.from_numpy(xrv.utils.normalize(np.random.default_rng(0).integers(0, 256, (1, size, size)).astype(np.float32), 255))[:, None]
+    with torch.no_grad():
+        theirs = reference.classifier(reference.features2(x)) if backbone == "densenet121" else reference.model(x)
+        ours = model.eval()(x)
+    labels = xrv.models.model_urls[name]["labels"]
+    for j, finding in enumerate(start.head_reused):
+        torch.testing.assert_close(ours[:, FINDINGS.index(finding)], theirs[:, labels.index(finding)], rtol=1e-4, atol=1e-4)
