@@ -113,15 +113,17 @@ def test_every_feature_tensor_loads_and_the_head_reuses_the_shared_findings(weig
 
 def test_the_mapped_densenet_computes_what_torchxrayvision_computes(weights_dir):
     """Our model with the mapped weights gives torchxrayvision's raw outputs for the shared findings."""
-    reference = torch.load(weights_dir / file_name(LEGACY), map_location="cpu", weights_only=False).eval()
+    reference = torch.load(weights_dir / file_name(ZIP), map_location="cpu", weights_only=False).eval()
     model = build_model("densenet121")
-    load_initial_weights(model, "densenet121", xrv_initial_state(LEGACY, "densenet121", str(weights_dir)).state)
+    start = xrv_initial_state(ZIP, "densenet121", str(weights_dir))
+    load_initial_weights(model, "densenet121", start.state)
     x = torch.from_numpy(xrv.utils.normalize(np.random.default_rng(0).integers(0, 256, (2, 64, 64)).astype(np.float32), 255))[:, None]
-    labels = xrv.models.model_urls[LEGACY]["labels"]
+    labels = xrv.models.model_urls[ZIP]["labels"]
     with torch.no_grad():
         ours, theirs = model.eval()(x), reference(x)
-    for j, finding in enumerate(FINDINGS):
-        torch.testing.assert_close(ours[:, j], theirs[:, labels.index(finding)], rtol=1e-4, atol=1e-4)
+    for finding in start.head_reused:
+        torch.testing.assert_close(ours[:, FINDINGS.index(finding)], theirs[:, labels.index(finding)], rtol=1e-4, atol=1e-4)
+    assert len(start.head_reused) == 7
 
 
 def test_pickled_code_in_a_weights_file_is_refused_not_run(tmp_path):
@@ -162,6 +164,23 @@ def test_offline_and_missing_the_driver_says_which_file_goes_where_before_ray_st
         initial_state_dict("xrv:densenet121-res224-all", "densenet121")
 
 
+def test_a_config_keeps_the_name_and_resolves_the_folder_and_cxr_run_fails_before_ray(tmp_path, monkeypatch):
+    from cxr import pipeline, runtime
+    from cxr.config import from_raw
+
+    config = from_raw({"run": {"dir": "run"}, "data": {"source": "phantoms"},
+                       "train": {"weights": "xrv:densenet121-res224-pc", "weights_dir": "weights"}}, base_dir=tmp_path)
+    assert config.train.config.weights == "xrv:densenet121-res224-pc"
+    assert config.train.config.weights_dir == str(tmp_path / "weights")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the missing weights were reported")
+
+    monkeypatch.setattr(runtime, "ray_session", no_ray)
+    with pytest.raises(WeightsUnavailableError, match=f"place the file {file_name('densenet121-res224-pc')} in one of: {tmp_path / 'weights'}, "):
+        pipeline.run_pipeline(config, echo=lambda text: None)
+
+
 def test_the_env_folder_and_the_cache_are_searched(weights_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_WEIGHTS_DIR", str(weights_dir))
     assert xrv_initial_state(ZIP, "densenet121").features == 725
@@ -191,7 +210,9 @@ def test_a_checkpoint_from_xrv_weights_predicts_the_same_through_training_evalua
 
     run = RunDir(write_run(tmp_path / "run", n_train=16, n_val=8, n_test=6, image_size=32))
     cfg = TrainConfig(weights=f"xrv:{LEGACY}", weights_dir=str(weights_dir), epochs=1, workers=1, batch_size=8, shuffle_buffer=0)
-    result = fit(run, cfg)
+    lines: list[str] = []
+    result = fit(run, cfg, echo=lines.append)
+    assert f"start: xrv:{LEGACY}: 725/725 feature tensors loaded; head rows reused for 14 finding(s)" in lines[0]
     model, info = load_checkpoint(result.best_checkpoint_dir)
     assert info["normalization"]["scheme"] == "xrv" and info["train_config"]["effective_freeze"] == "partial"
 

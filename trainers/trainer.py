@@ -58,10 +58,12 @@ def _run_name(cfg: TrainConfig, stats: dict) -> str:
 
 
 def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
-                  callbacks: list | None = None, selection: Selection | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, selection: Selection | None = None,
+                  echo: Callable[[str], None] | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
     calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``). ``selection``: which
-    rows train and validate (default the run's train and val splits; a CV fold passes image ids)."""
+    rows train and validate (default the run's train and val splits; a CV fold passes image ids).
+    ``echo`` gets a line saying how pretrained weights were mapped (xrv:NAME)."""
     rows = selection or Selection()
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
@@ -75,7 +77,7 @@ def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None
     if trained_at and trained_at != image_size:
         logger.warning("%s was trained on %dx%d images; these shards are %dx%d (it still loads; preprocess at %d to match it)",
                        cfg.weights, trained_at, trained_at, image_size, image_size, trained_at)
-    init = initial_state_dict(cfg.weights, cfg.backbone, cfg.weights_dir, cfg.seed)  # fails here, before any worker starts
+    init = initial_state_dict(cfg.weights, cfg.backbone, cfg.weights_dir, cfg.seed, echo)  # fails here, before any worker starts
     labels = train_label_matrix(run.shards, cfg.uncertain, rows.train)
     plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
@@ -159,5 +161,5 @@ def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: st
         result = build_trainer(run, cfg, storage_path, name).fit()
     else:
         with printed_epochs(cfg.epochs, echo) as lines:
-            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines]).fit()
+            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines], echo=echo).fit()
     return write_outputs(result, run, cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision import models
@@ -73,9 +74,11 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         raise WeightsUnavailableError(how.format(why=f"(download of {url} failed: {err})")) from err
 
 
-def initial_state_dict(weights: str, backbone: str, weights_dir: str | None = None, seed: int = 0) -> dict[str, torch.Tensor] | None:
+def initial_state_dict(weights: str, backbone: str, weights_dir: str | None = None, seed: int = 0,
+                       echo: Callable[[str], None] | None = None) -> dict[str, torch.Tensor] | None:
     """The state_dict to start from, per ``--weights``: 'imagenet', 'none' (None), 'xrv:NAME' (mapped
-    onto ``backbone``, its fresh head rows drawn from ``seed``; ``weights_dir`` is searched first) or a path."""
+    onto ``backbone``, its fresh head rows drawn from ``seed``; ``weights_dir`` is searched first; the
+    line saying how it mapped goes to ``echo``) or a path."""
     if weights == "none":
         return None
     if weights == "imagenet":
@@ -83,7 +86,7 @@ def initial_state_dict(weights: str, backbone: str, weights_dir: str | None = No
     name = xrv_name(weights)
     if name is not None:
         start = xrv_initial_state(name, backbone, weights_dir, seed)
-        logger.info("%s", start.describe())
+        (echo or logger.info)(f"start: {start.describe()}")
         return start.state
     return read_state_dict(Path(weights))
 

@@ -204,9 +204,13 @@ def read_xrv_file(path: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(layers):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "persistent_load" not in str(err) and "legacy" not in str(err):
-            raise UserInputError(f"{path}: refused by safe loading (weights_only=True): {_first_line(err)}") from None
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        # torch's words for "a module in the legacy format" (its class source is stored beside it) and
+        # for the older .tar format: the only cases the restricted unpickler below is for
+        if "persistent_load" not in str(err) and "legacy .tar format" not in str(err):
+            if isinstance(err, pickle.UnpicklingError):
+                raise UserInputError(f"{path}: refused by safe loading (weights_only=True): {_first_line(err)}") from None
+            raise UserInputError(f"{path}: not a torchxrayvision weights file (RuntimeError: {_first_line(err)})") from None
         try:  # a module in torch's legacy format: the restricted unpickler (module docstring)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
@@ -246,15 +250,15 @@ class XrvStart:
                 f"{len(self.head_reused)} finding(s) ({', '.join(self.head_reused) or 'none'}), fresh for {len(self.head_fresh)}")
 
 
-def map_onto(name: str, published_state: dict[str, Any], backbone: str, seed: int = 0, labels: list[str] | None = None) -> XrvStart:
-    """Map a published state_dict onto our ``backbone`` (module docstring). ``labels``: the published
-    model's outputs in order ('' where an output was not trained); default torchxrayvision's record."""
+def map_onto(name: str, published_state: dict[str, Any], backbone: str, seed: int = 0) -> XrvStart:
+    """Map a published state_dict onto our ``backbone`` (module docstring). The published model's
+    outputs are torchxrayvision's ``labels`` of ``name``, in order ('' where one was not trained)."""
     import torch
 
     from trainers.models import BACKBONES, build_model
 
-    record = published(name) if labels is None else {}
-    labels = list(record["labels"] if labels is None else labels)
+    record = published(name)
+    labels = list(record["labels"])
     head = BACKBONES[backbone].head
     with torch.random.fork_rng(devices=[]):  # the fresh rows a from-scratch start with this seed has
         torch.manual_seed(seed)
