@@ -136,6 +136,11 @@ def dispatch(args: argparse.Namespace) -> str:
     if verb.ray:
         from cxr.runtime import ray_session
 
+        if "train" in settings:  # missing starting weights fail now, before Ray starts
+            from trainers.weights import check_available
+
+            check_available(settings["train"].weights, settings["train"].backbone, settings["train"].weights_dir)
+
         with ray_session(getattr(args, "run.address")):
             return run_verb(verb.name, run, settings)
     return run_verb(verb.name, run, settings)

@@ -223,6 +223,8 @@ def _resolve_paths(config: Config, base: Path) -> None:
         x.csv, x.images = _resolve(x.csv, base), _resolve(x.images, base)
         x.cohorts = _resolve(x.cohorts, base) if x.cohorts is not None else None
         x.checkpoint = _resolve(x.checkpoint, base) if x.checkpoint is not None else None
-    weights = config.train.config.weights
-    if weights not in ("imagenet", "none"):  # a local state_dict file
-        config.train.config.weights = _resolve(weights, base)
+    train = config.train.config
+    if train.weights not in ("imagenet", "none") and not train.weights.startswith("xrv:"):  # a local state_dict file
+        train.weights = _resolve(train.weights, base)
+    if train.weights_dir is not None:
+        train.weights_dir = _resolve(train.weights_dir, base)

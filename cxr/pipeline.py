@@ -27,6 +27,8 @@ from cxr.storage import open_run
 from pipelines.atomic import write_json
 from pipelines.rundir import CHECKPOINT_ORDER, RunDir
 
+TRAINING_STAGES = ("train", "tune", "cv")  # the stages that load starting weights
+
 STAGES = ("ingest", "validate", "split", "preprocess", "eda", "train", "tune", "cv", "evaluate", "external", "explain", "card", "report")
 # What each stage reads: a disabled dependency is replaced by its own dependencies.
 DEPS: dict[str, tuple[str, ...]] = {
@@ -268,6 +270,11 @@ def run_pipeline(config: Config, force: bool = False, echo: Callable[[str], None
         on = enabled_stages(config)
         tokens: dict[str, str] = {}
         needs_ray = any(s.reason and s.stage.name in RAY_STAGES for s in steps)
+        if any(s.reason and s.stage.name in TRAINING_STAGES for s in steps):  # missing starting weights fail before Ray starts
+            from trainers.weights import check_available
+
+            for cfg in (config.train.config, config.tune_base()):
+                check_available(cfg.weights, cfg.backbone, cfg.weights_dir)
         with ray_session(config.run.address, config.run.num_cpus) if needs_ray else contextlib.nullcontext():
             for i, step in enumerate(steps, 1):
                 name = step.stage.name

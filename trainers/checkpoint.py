@@ -26,7 +26,7 @@ from pipelines.errors import CxrError
 from pipelines.imaging import MAX_IMAGE_SIZE
 from pipelines.labels import FINDINGS
 from pipelines.rundir import INFO_FILE, MODEL_FILE  # the checkpoint files are part of the run-directory contract
-from trainers.inputs import standardize, to_unit
+from trainers.inputs import SCALING_SCHEMES, input_normalization, scale_input, to_unit
 from trainers.models import BACKBONES, IN_CHANNELS, INPUT_HANDLING, build_model
 
 STATE_FILE = "train_state.pt"
@@ -52,6 +52,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def model_info(train_config: dict, image_size: int, mean: float, std: float, epoch: int, metrics: dict) -> dict:
+    """model.json. ``mean``, ``std``: the training split's statistics; the normalization recorded is
+    the one the model was fed (trainers/inputs.py ``input_normalization``: xrv:NAME weights bring
+    their own scaling)."""
     return {
         "format": FORMAT,
         "backbone": train_config["backbone"],
@@ -59,7 +62,7 @@ def model_info(train_config: dict, image_size: int, mean: float, std: float, epo
         "image_size": int(image_size),
         "in_channels": IN_CHANNELS,
         "input_handling": INPUT_HANDLING,
-        "normalization": {"mean": float(mean), "std": float(std), "formula": "(pixel / 255 - mean) / std"},
+        "normalization": input_normalization(train_config.get("weights", "none"), mean, std),
         "outputs": "one logit per finding; sigmoid gives the probability",
         "epoch": int(epoch),
         "metrics": metrics,
@@ -123,6 +126,8 @@ def check_info(info: Any, path: Path | str = INFO_FILE) -> None:
     norm = info["normalization"]
     if not isinstance(norm, dict) or not _finite(norm.get("mean")) or not _finite(norm.get("std")) or norm["std"] <= 0:
         raise bad(f"'normalization' must hold a finite 'mean' and a finite 'std' > 0, got {norm!r}"[:300])
+    if norm.get("scheme", SCALING_SCHEMES[0]) not in SCALING_SCHEMES:
+        raise bad(f"unknown normalization scheme {norm['scheme']!r}: this build knows {', '.join(SCALING_SCHEMES)}")
     if info.get("in_channels", IN_CHANNELS) != IN_CHANNELS:
         raise bad(f"'in_channels' is {info['in_channels']!r}; this build's models take {IN_CHANNELS}")
 
@@ -195,9 +200,9 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
 
 
 def prepare_input(images: torch.Tensor, info: dict) -> torch.Tensor:
-    """uint8 images ``(n, S, S)`` of the checkpoint's size -> the model's input ``(n, 1, S, S)``."""
+    """uint8 images ``(n, S, S)`` of the checkpoint's size -> the model's input ``(n, 1, S, S)``,
+    scaled as model.json's ``normalization`` says (the training loop scales with the same function)."""
     size = info["image_size"]
     if tuple(images.shape[-2:]) != (size, size):
         raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects {size}x{size}")
-    norm = info["normalization"]
-    return standardize(to_unit(torch.as_tensor(images)), norm["mean"], norm["std"])
+    return scale_input(to_unit(torch.as_tensor(images)), info["normalization"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipelines.errors import UserInputError
 from pipelines.options import option
+from trainers.xrv import check_name, xrv_name
 
 BACKBONE_CHOICES = ("densenet121", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
 FREEZE_CHOICES = ("auto", "none", "partial", "backbone")
@@ -54,7 +55,10 @@ class TrainConfig:
     weighted loss against the heavy per-finding imbalance."""
 
     backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONE_CHOICES)
-    weights: str = option("imagenet", "'imagenet' (torchvision's, from the local cache offline), 'none', or the path of a local state_dict")
+    weights: str = option("imagenet", "'imagenet' (torchvision's, from the local cache offline), 'none', 'xrv:NAME' (torchxrayvision's "
+                                      "chest X-ray models, e.g. xrv:densenet121-res224-all; needs the xrv extra), or the path of a local state_dict")
+    weights_dir: str | None = option(None, "folder searched first for --weights xrv:NAME files (then $CXR_WEIGHTS_DIR, then "
+                                           "torchxrayvision's cache)", metavar="DIR")
     freeze: str = option("auto", "none: fine-tune all; partial: last block + head; backbone: head only; auto: partial from pretrained "
                                  "weights, none from random ones (frozen random features learn nothing)", choices=FREEZE_CHOICES)
     loss: str = option("auto", "weighted BCE (per-finding, from the train split), plain bce, or auto (weighted unless resampling)", choices=LOSS_CHOICES)
@@ -109,7 +113,11 @@ class TrainConfig:
         _choose("ingest", self.ingest, INGEST_CHOICES)
         _choose("placement_strategy", self.placement_strategy, PLACEMENT_CHOICES)
         if not isinstance(self.weights, str) or not self.weights.strip():
-            raise UserInputError("weights must be 'imagenet', 'none' or the path of a state_dict file")
+            raise UserInputError("weights must be 'imagenet', 'none', 'xrv:NAME' or the path of a state_dict file")
+        if xrv_name(self.weights) is not None:
+            check_name(xrv_name(self.weights), self.backbone)
+        if self.weights_dir is not None and (not isinstance(self.weights_dir, str) or not self.weights_dir.strip()):
+            raise UserInputError(f"weights_dir must be the path of a folder, got {self.weights_dir!r}")
         for name in ("epochs", "batch_size", "workers", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -143,7 +151,7 @@ class TrainConfig:
     @property
     def effective_freeze(self) -> str:
         """The freeze actually applied: 'auto' fine-tunes everything from random weights and trains the
-        last block and the head on top of pretrained ones."""
+        last block and the head on top of pretrained ones (ImageNet, torchxrayvision's, a file)."""
         if self.freeze != "auto":
             return self.freeze
         return "none" if self.weights == "none" else "partial"

@@ -36,6 +36,35 @@ def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (x - mean) / std
 
 
+# How pixels become model input, as recorded in model.json's "normalization". Both schemes are the
+# same formula (pixel / 255 - mean) / std, so one function (scale_input) feeds the model in
+# training, validation, evaluation, prediction, Grad-CAM and external sets alike:
+# - "train_stats": the training split's intensity mean and std (stats.json); today's behaviour, and
+#   what a model.json without a "scheme" (written before schemes existed) means.
+# - "xrv": torchxrayvision's models were trained on pixels in [-1024, 1024]
+#   (xrv.utils.normalize: (2 * pixel / 255 - 1) * 1024), which is mean 0.5, std 1/2048: exactly,
+#   as 1/2048 is a power of two.
+TRAIN_STATS, XRV = "train_stats", "xrv"
+SCALING_SCHEMES = (TRAIN_STATS, XRV)
+XRV_MEAN, XRV_STD = 0.5, 1.0 / 2048.0
+FORMULA = "(pixel / 255 - mean) / std"
+
+
+def input_normalization(weights: str, train_mean: float, train_std: float) -> dict:
+    """The ``normalization`` of model.json for a model started from ``weights``: torchxrayvision's
+    scaling for ``xrv:NAME`` (the features expect it), else the training split's statistics."""
+    if isinstance(weights, str) and weights.startswith("xrv:"):
+        return {"scheme": XRV, "mean": XRV_MEAN, "std": XRV_STD, "formula": FORMULA,
+                "range": [-1024.0, 1024.0], "why": "torchxrayvision's input scaling, which the xrv:NAME weights were trained with"}
+    return {"scheme": TRAIN_STATS, "mean": float(train_mean), "std": float(train_std), "formula": FORMULA}
+
+
+def scale_input(x: torch.Tensor, normalization: dict) -> torch.Tensor:
+    """Float images in [0, 1] -> model input, per model.json's ``normalization``: the one function
+    every path that feeds a model calls (the training loop with the dict it writes to model.json)."""
+    return standardize(x, float(normalization["mean"]), float(normalization["std"]))
+
+
 class StartedIterator:
     """Iterates ``iterable``, but pulls its first item in a background thread from construction on.
 

@@ -33,7 +33,7 @@ from pipelines.errors import UserInputError
 from trainers.augment import Augment, augment_batch
 from trainers.checkpoint import MODEL_FILE, model_info, read_history, read_train_state, save_checkpoint
 from trainers.config import TrainConfig
-from trainers.inputs import StartedIterator, memory_batches, standardize, to_unit
+from trainers.inputs import StartedIterator, input_normalization, memory_batches, scale_input, to_unit
 from trainers.losses import MultiLabelBCE
 from trainers.metrics import auroc_metrics
 from trainers.models import apply_freeze, build_model, load_initial_weights, set_train_mode
@@ -74,16 +74,17 @@ def _maybe_fail(cfg: TrainConfig, epoch: int, rank: int, world: int) -> None:
 
 
 def _inputs(images: torch.Tensor, aug: Augment | None, generator: torch.Generator | None,
-            mean: float, std: float, channels_last: bool) -> torch.Tensor:
+            norm: dict, channels_last: bool) -> torch.Tensor:
+    """uint8 batch -> model input: augmented in [0, 1], then scaled as model.json will record."""
     x = to_unit(images)
     if aug is not None:
         x = augment_batch(x, aug, generator)
-    x = standardize(x, mean, std)
+    x = scale_input(x, norm)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                aug: Augment | None, generator: torch.Generator, norm: tuple[float, float], amp: bool,
+                aug: Augment | None, generator: torch.Generator, norm: dict, amp: bool,
                 after_first_step: Callable[[], None] | None = None, mixup: float = 0.0,
                 after_step: Callable[[], None] | None = None) -> tuple[float, int, float, float]:
     """One pass over ``batches``; returns (summed loss x images, images, seconds, seconds until the
@@ -96,7 +97,7 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module,
     for batch in batches:
         if images == 0:
             first_batch = time.perf_counter() - start
-        x = _inputs(batch["image"], aug, generator, *norm, channels_last=amp)
+        x = _inputs(batch["image"], aug, generator, norm, channels_last=amp)
         targets = batch["labels"]
         if mixup > 0:
             x, targets = mixup_batch(x, targets, mixup, generator)
@@ -117,12 +118,12 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], criterion: nn.Module,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[dict], norm: tuple[float, float], amp: bool) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, batches: Iterable[dict], norm: dict, amp: bool) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels of ``batches``."""
     model.eval()
     logits, labels = [], []
     for batch in batches:
-        x = _inputs(batch["image"], None, None, *norm, channels_last=amp)
+        x = _inputs(batch["image"], None, None, norm, channels_last=amp)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits.append(model(x).float().cpu())
         labels.append(batch["labels"].cpu())
@@ -131,7 +132,7 @@ def predict(model: nn.Module, batches: Iterable[dict], norm: tuple[float, float]
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model: nn.Module, criterion: nn.Module, rank: int, norm: tuple[float, float], amp: bool,
+def evaluate(model: nn.Module, criterion: nn.Module, rank: int, norm: dict, amp: bool,
              batch_size: int) -> dict[str, float]:
     """Validation loss and AUROCs over the whole validation split, gathered from all workers."""
     batches = ray.train.get_dataset_shard(val_dataset_name(rank)).iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
@@ -164,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     amp = cfg.amp and device.type == "cuda"
-    norm = (float(config["mean"]), float(config["std"]))
+    norm = input_normalization(cfg.weights, float(config["mean"]), float(config["std"]))  # what model.json records
     plan = SamplingPlan(**config["plan"])
     per_epoch = plan.mode != "none"
 
@@ -250,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 summary = {**config["cfg"], "effective_loss": cfg.effective_loss, "effective_freeze": cfg.effective_freeze}
-                info = model_info(summary, config["image_size"], *norm, epoch + 1, metrics)
+                info = model_info(summary, config["image_size"], float(config["mean"]), float(config["std"]), epoch + 1, metrics)
                 train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "seed": cfg.seed}
                 if average is not None:

@@ -36,6 +36,7 @@ from trainers.progress import printed_epochs
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
 from trainers.weights import initial_state_dict
+from trainers.xrv import published, xrv_name
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ def _run_name(cfg: TrainConfig, stats: dict) -> str:
 
 
 def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
-                  callbacks: list | None = None, selection: Selection | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, selection: Selection | None = None,
+                  echo: Callable[[str], None] | None = None) -> TorchTrainer:
     """The TorchTrainer for ``cfg`` over ``<run>/shards``, not yet started. Tune's trial function
     calls this and ``.fit()`` (with ``callbacks=[TuneReportCallback()]``). ``selection``: which
-    rows train and validate (default the run's train and val splits; a CV fold passes image ids)."""
+    rows train and validate (default the run's train and val splits; a CV fold passes image ids).
+    ``echo`` gets a line saying how pretrained weights were mapped (xrv:NAME)."""
     rows = selection or Selection()
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (ray.init(...) or a cluster address): trainers never start Ray themselves")
@@ -69,7 +72,12 @@ def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None
     if cfg.weights == "none" and cfg.effective_freeze != "none":
         logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.effective_freeze)
 
-    init = initial_state_dict(cfg.weights, cfg.backbone)  # fails here, before any worker starts
+    name = xrv_name(cfg.weights)
+    trained_at = published(name).get("input_resolution") if name else None
+    if trained_at and trained_at != image_size:
+        logger.warning("%s was trained on %dx%d images; these shards are %dx%d (it still loads; preprocess at %d to match it)",
+                       cfg.weights, trained_at, trained_at, image_size, image_size, trained_at)
+    init = initial_state_dict(cfg.weights, cfg.backbone, cfg.weights_dir, cfg.seed, echo)  # fails here, before any worker starts
     labels = train_label_matrix(run.shards, cfg.uncertain, rows.train)
     plan = make_plan(labels, cfg.sampling, cfg.seed, cfg.over_max_repeat, cfg.under_ratio)
     weights = class_weights(labels) if cfg.effective_loss == "weighted" else None
@@ -153,5 +161,5 @@ def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: st
         result = build_trainer(run, cfg, storage_path, name).fit()
     else:
         with printed_epochs(cfg.epochs, echo) as lines:
-            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines]).fit()
+            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines], echo=echo).fit()
     return write_outputs(result, run, cfg)

@@ -1,12 +1,15 @@
-"""Where the initial weights come from: torchvision's ImageNet files, a local state_dict, or none.
+"""Where the initial weights come from: torchvision's ImageNet files, torchxrayvision's chest X-ray
+models (``xrv:NAME``, trainers/xrv.py), a local state_dict, or none.
 
 Resolved once on the driver, so a missing file fails before any worker starts, and the tensors
 travel to the workers through the object store (a path on the driver need not exist on a node).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision import models
@@ -14,8 +17,16 @@ from torchvision import models
 from pipelines.errors import CxrError, UserInputError
 from pipelines.rundir import MODEL_FILE
 from trainers.models import BACKBONES
+from trainers.xrv import check_name, locate, xrv_initial_state, xrv_name
+
+logger = logging.getLogger(__name__)
 
 OFFLINE_ENV = "CXR_OFFLINE"  # set to 1 to never try a download (air-gapped clusters, tests)
+
+
+def offline() -> bool:
+    """True when ``CXR_OFFLINE`` forbids downloads."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
 class WeightsUnavailableError(CxrError, RuntimeError):
@@ -54,7 +65,7 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         f"{{why}}. Either copy the file there (or set TORCH_HOME to a directory whose hub/checkpoints holds it), "
         f"or pass --weights PATH to a local state_dict file, or train from scratch with --weights none."
     )
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+    if offline():
         raise WeightsUnavailableError(how.format(why=f"({OFFLINE_ENV} is set)"))
     url = getattr(models, BACKBONES[backbone].weights).DEFAULT.url
     try:
@@ -63,10 +74,38 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         raise WeightsUnavailableError(how.format(why=f"(download of {url} failed: {err})")) from err
 
 
-def initial_state_dict(weights: str, backbone: str) -> dict[str, torch.Tensor] | None:
-    """The state_dict to start from, per ``--weights``: 'imagenet', 'none' (None) or a path."""
+def initial_state_dict(weights: str, backbone: str, weights_dir: str | None = None, seed: int = 0,
+                       echo: Callable[[str], None] | None = None) -> dict[str, torch.Tensor] | None:
+    """The state_dict to start from, per ``--weights``: 'imagenet', 'none' (None), 'xrv:NAME' (mapped
+    onto ``backbone``, its fresh head rows drawn from ``seed``; ``weights_dir`` is searched first; the
+    line saying how it mapped goes to ``echo``) or a path."""
     if weights == "none":
         return None
     if weights == "imagenet":
         return imagenet_state_dict(backbone)
+    name = xrv_name(weights)
+    if name is not None:
+        start = xrv_initial_state(name, backbone, weights_dir, seed)
+        (echo or logger.info)(f"start: {start.describe()}")
+        return start.state
     return read_state_dict(Path(weights))
+
+
+def check_available(weights: str, backbone: str, weights_dir: str | None = None) -> None:
+    """Fail now, on the driver and before Ray starts, when the starting weights cannot be had: a
+    missing local file, an uncached ImageNet file while offline, an ``xrv:NAME`` file in none of
+    the folders (downloaded here when online, so training finds it cached)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        if offline() and not imagenet_cache_file(backbone).is_file():
+            imagenet_state_dict(backbone)  # raises WeightsUnavailableError with the instructions
+        return
+    name = xrv_name(weights)
+    if name is not None:
+        check_name(name, backbone)
+        locate(name, weights_dir)
+        return
+    path = Path(weights).expanduser()
+    if not (path / MODEL_FILE if path.is_dir() else path).is_file():
+        read_state_dict(path)  # raises FileNotFoundError naming the path
