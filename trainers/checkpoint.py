@@ -194,10 +194,17 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     return model.eval(), info
 
 
+def input_scaling(info: dict) -> tuple[float, float]:
+    """How the checkpoint scales its uint8 input: ``(mean, std)`` of ``(pixel / 255 - mean) / std``.
+    The one place every scorer reads it (cxr predict, cxr score, evaluation), so another scaling
+    recorded in ``model.json`` changes them all at once."""
+    norm = info["normalization"]
+    return float(norm["mean"]), float(norm["std"])
+
+
 def prepare_input(images: torch.Tensor, info: dict) -> torch.Tensor:
     """uint8 images ``(n, S, S)`` of the checkpoint's size -> the model's input ``(n, 1, S, S)``."""
     size = info["image_size"]
     if tuple(images.shape[-2:]) != (size, size):
         raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects {size}x{size}")
-    norm = info["normalization"]
-    return standardize(to_unit(torch.as_tensor(images)), norm["mean"], norm["std"])
+    return standardize(to_unit(torch.as_tensor(images)), *input_scaling(info))
