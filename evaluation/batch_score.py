@@ -111,7 +111,12 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
                              f"in {source or 'the input'}: ids must be unique")
     info = read_info(Path(checkpoint))
     ood, ood_note = read_ood(Path(checkpoint))  # checked here, before any actor starts
-    blocks = default_blocks(len(inputs), ray.cluster_resources().get("CPU", 1))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    if actors >= cpus:  # every actor takes a CPU: with none left, the read-and-decode tasks never start
+        raise UserInputError(f"--actors {actors} would take every CPU of this Ray cluster ({cpus:g}), leaving none to read and "
+                             f"decode the images: use at most {max(int(cpus) - 1, 1) if cpus > 1 else 0} actor(s)"
+                             + ("" if cpus > 1 else ", on a cluster with at least 2 CPUs"))
+    blocks = default_blocks(len(inputs), cpus)
     table = inputs[["image_id", "path"]].astype(str).reset_index(drop=True)
     chunks = [table.iloc[index] for index in np.array_split(np.arange(len(table)), blocks) if len(index)]
     ds = ray.data.from_pandas(chunks)

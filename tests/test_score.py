@@ -152,3 +152,18 @@ def test_a_checkpoint_without_ood_statistics_still_scores(phantom, tmp_path):
     torch.save(state, other)
     scorer = Scorer(bare)
     assert scorer.ood is None and "other weights" in scorer.ood_note
+
+
+def test_publishing_a_checkpoint_records_its_ood_statistics(phantom, tmp_path):
+    """What `cxr train` and `cxr tune` do when they publish best/: the weights, model.json and
+    ood.npz computed for those weights on the run's train and val shards, swapped in together."""
+    from trainers.ood import read_ood
+    from trainers.publish import publish_best
+
+    best = publish_best(phantom.train_best, tmp_path / "best", ood_from=phantom)
+    assert sorted(p.name for p in best.iterdir()) == sorted([MODEL_FILE, INFO_FILE, OOD_FILE])
+    stats, note = read_ood(best)
+    splits = pd.read_parquet(phantom.splits)["split"].value_counts()
+    assert stats.meta["train_images"] == splits["train"] and stats.meta["val_images"] == splits["val"]
+    assert stats.meta["features"]["dims"] == 512 and "99%" in note  # ResNet18's pooled features
+    assert sorted(p.name for p in publish_best(phantom.train_best, tmp_path / "plain").iterdir()) == sorted([MODEL_FILE, INFO_FILE])
