@@ -91,7 +91,7 @@ def test_score_a_folder_quarantines_bad_files_and_matches_predict(phantom, tmp_p
     np.testing.assert_allclose(scores["ood_score"].to_numpy(), predicted["ood_score"].astype(float).to_numpy(), atol=1e-4)
 
 
-def test_score_a_run_split_and_a_manifest(phantom, tmp_path):
+def test_score_a_run_split_and_a_manifest(phantom, tmp_path, capsys):
     out = tmp_path / "test-split"
     assert main(["score", "--run", str(phantom.root), "--split", "test", "--out", str(out)]) == 0
     scores = _scores(out)
@@ -101,11 +101,20 @@ def test_score_a_run_split_and_a_manifest(phantom, tmp_path):
     evaluated = pd.read_parquet(phantom.eval_predictions).sort_values("image_id").reset_index(drop=True)
     np.testing.assert_allclose(scores[PROBS].to_numpy(), evaluated[PROBS].to_numpy(), atol=1e-5)
 
+    # A manifest, and a checkpoint without OOD statistics (nor an evaluation): it still scores, OOD null.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (MODEL_FILE, INFO_FILE):
+        shutil.copy(phantom.train_best / name, bare / name)
     files = _images(phantom, "val")[:3]
     manifest = tmp_path / "list.csv"
     pd.DataFrame({"image_id": ["a", "b", "c", "gone"], "path": [*map(str, files), "missing.png"]}).to_csv(manifest, index=False)
-    assert main(["score", "--checkpoint", str(phantom.train_best), "--manifest", str(manifest), "--out", str(tmp_path / "m")]) == 0
-    assert sorted(_scores(tmp_path / "m")["image_id"]) == ["a", "b", "c"]
+    assert main(["score", "--checkpoint", str(bare), "--manifest", str(manifest), "--out", str(tmp_path / "m")]) == 0
+    printed = capsys.readouterr().out
+    assert "out of distribution: unknown; no ood.npz" in printed and "calls: none" in printed
+    scores = _scores(tmp_path / "m")
+    assert list(scores["image_id"]) == ["a", "b", "c"] and scores["ood"].isna().all() and scores["ood_score"].isna().all()
+    assert not any(c.startswith("pred_") for c in scores.columns) and not (tmp_path / "m" / "thresholds.json").exists()
     gone = pd.read_parquet(tmp_path / "m" / "quarantine.parquet")
     assert list(gone["image_id"]) == ["gone"] and "cannot read file" in gone["reason"].iat[0]
 
