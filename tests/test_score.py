@@ -131,7 +131,7 @@ def test_phantom_model_flags_real_nih_images_not_held_out_phantoms(phantom, nih)
 
     scorer = Scorer(phantom.train_best)
     meta = scorer.ood.meta
-    assert meta["quantile"] == 0.99 and meta["threshold_on"] == "val" and "99%" in scorer.ood_note
+    assert meta["quantile"] == 0.99 and meta["threshold_on"] == "val" and "99th percentile" in scorer.ood_note
     held_out = scorer.score(decode_images(_images(phantom, "test"), SIZE))  # neither fit nor threshold saw these
     real = scorer.score(decode_images(sorted((nih / "images").glob("*.png"))[:24], SIZE))
     assert held_out["ood"].mean() <= 0.1, held_out["ood_score"]
@@ -174,5 +174,5 @@ def test_publishing_a_checkpoint_records_its_ood_statistics(phantom, tmp_path):
     stats, note = read_ood(best)
     splits = pd.read_parquet(phantom.splits)["split"].value_counts()
     assert stats.meta["train_images"] == splits["train"] and stats.meta["val_images"] == splits["val"]
-    assert stats.meta["features"]["dims"] == 512 and "99%" in note  # ResNet18's pooled features
+    assert stats.meta["features"]["dims"] == 512 and "99th percentile" in note  # ResNet18's pooled features
     assert sorted(p.name for p in publish_best(phantom.train_best, tmp_path / "plain").iterdir()) == sorted([MODEL_FILE, INFO_FILE])

@@ -36,14 +36,15 @@ from pipelines.rundir import MODEL_FILE, OOD_FILE, RunDir
 
 FORMAT = "cxr-ood/1"
 QUANTILE = 0.99  # the validation percentile that sets the threshold
+PERCENTILE = f"{QUANTILE * 100:g}th percentile"  # in words, for the file and the summaries
 MAX_IMAGES = 512  # images per split the statistics are computed on (a seeded sample beyond that)
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 INTENSITY_NAMES = ("mean", "std", *(f"p{p}" for p in PERCENTILES))
 PARTS = ("intensity", "features")
 RULE = (f"Mahalanobis distance (Ledoit-Wolf shrunk covariance of standardised dimensions, fit on training "
         f"images) of each image's pixel-intensity summary and of its penultimate-layer features, each divided "
-        f"by its median over the validation images; the larger of the two, divided by its {QUANTILE:.0%} "
-        f"percentile over the validation images, is ood_score; flagged when ood_score > 1")
+        f"by its median over the validation images; the larger of the two, divided by its {PERCENTILE} "
+        f"over the validation images, is ood_score; flagged when ood_score > 1")
 
 
 class OodError(CxrError, ValueError):
@@ -185,7 +186,7 @@ def read_ood(checkpoint: Path) -> tuple[OodStats | None, str]:
 
 def describe(meta: dict) -> str:
     """One line for summaries: what the threshold is and where it was set."""
-    return (f"OOD threshold: the {QUANTILE:.0%} percentile of {meta['val_images']} validation images' Mahalanobis distances "
+    return (f"OOD threshold: the {PERCENTILE} of {meta['val_images']} validation images' Mahalanobis distances "
             f"(pixel intensities and {meta['features']['dims']}-d penultimate features, fit on {meta['train_images']} "
             f"training images); flagged when ood_score > 1")
 
