@@ -10,7 +10,7 @@ from typing import Any
 
 from cxr.settings import (
     RAY_STAGES, CardSection, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
-    PredictSettings, PreprocessSection, RunSection, SplitSection, TuneSection, ValidateSection,
+    PredictSettings, PreprocessSection, RunSection, ScoreSettings, SplitSection, TuneSection, ValidateSection,
 )
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
@@ -27,6 +27,7 @@ class Verb:
     help: str
     sections: tuple[tuple[str, type, tuple[str, ...]], ...] = ()  # (key, settings class, excluded fields)
     run: str = "required"  # --run DIR: required, optional or absent ("")
+    run_help: str = ""  # what --run does when it is optional
 
     @property
     def ray(self) -> bool:
@@ -51,11 +52,15 @@ VERBS = (
     Verb("external", "external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME",
          (("external", ExternalSet, ()),)),
     Verb("explain", "Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes",
-         (("explain", ExplainSection, ()), ("images", ExplainImages, ())), run="optional"),
+         (("explain", ExplainSection, ()), ("images", ExplainImages, ())), run="optional",
+         run_help=" (explain a run: gallery of test images and the pointing game; needs cxr evaluate)"),
     Verb("card", "the model card: <run>/model_card.md + model_card.json, every fact and limitation read from the run's files",
          (("card", CardSection, ()),)),
     Verb("report", "one self-contained HTML page for the run: <run>/report.html"),
     Verb("predict", "the 14 finding probabilities for image files, from a checkpoint alone", (("predict", PredictSettings, ()),), run=""),
+    Verb("score", "Ray Data batch inference: score a folder, a manifest or a run's split with an actor pool; probabilities, calls, OOD flag",
+         (("score", ScoreSettings, ()),), run="optional",
+         run_help=" (score this run's --split with its checkpoint and its validation thresholds; instead of --images/--manifest)"),
     Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", DemoSettings, ()),)),
 )
 
@@ -67,7 +72,7 @@ def _add_verb(verbs, verb: Verb, fmt) -> None:
     if verb.run:
         required = verb.run == "required"
         p.add_argument("--run", required=required, default=None, type=Path, metavar="DIR",
-                       help="the run directory every stage reads from and writes to" + ("" if required else " (explain a run: gallery of test images and the pointing game; needs cxr evaluate)"))
+                       help="the run directory every stage reads from and writes to" + verb.run_help)
     for key, cls, exclude in verb.sections:
         add_options(p, cls, key, exclude)
     if verb.ray:
@@ -153,6 +158,8 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
 
     if name == "predict":
         return stages.predict_stage(s["predict"])
+    if name == "score":
+        return stages.score_stage(run, s["score"])
     if name == "explain" and s["images"].images:
         return stages.explain_images_stage(s["images"], s["explain"])
     if run is None:

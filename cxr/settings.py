@@ -20,7 +20,7 @@ from trainers.config import FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, SEAR
 
 SOURCES = ("nih", "chexpert", "manifest", "phantoms")
 # The stages that start (or join) Ray, under `cxr run` and as single verbs alike (--address).
-RAY_STAGES = frozenset({"preprocess", "train", "tune", "cv", "evaluate", "external", "explain"})
+RAY_STAGES = frozenset({"preprocess", "train", "tune", "cv", "evaluate", "external", "explain", "score"})
 LABEL_SOURCES = SOURCES[:3]  # the formats of a label file; phantoms make their own collection
 _SUBGROUPS_HELP = "manifest columns to break results down by (at most 20 values each; default: every one of sex, age_band, view, cohort present)"
 _CHECKPOINT_HELP = "checkpoint directory (default: <run>/tune/best, else <run>/train/best)"
@@ -285,6 +285,28 @@ class PredictSettings(Settings):
     checkpoint: str = option(help="checkpoint directory (model.pt + model.json)", positional=True)
     images: list[str] = option(help="PNG/JPEG/DICOM files", positional=True)
     csv: str | None = option(None, "also write the probabilities to this CSV")
+
+
+SCORE_SPLITS = ("test", "val", "train", "all")
+
+
+@dataclass
+class ScoreSettings(Settings):
+    """``cxr score``: a whole collection through a Ray Data actor pool (``evaluation/batch_score.py``)."""
+
+    out: str = option(help="output folder: scores/ (Parquet), quarantine.parquet, summary.json, thresholds.json (when the run has an evaluation)", metavar="DIR")
+    checkpoint: str | None = option(None, "checkpoint directory (model.pt + model.json, ood.npz when recorded); with --run default tune/best, else train/best")
+    images: str | None = option(None, "score every file under this folder (image_id: its path relative to the folder)", metavar="DIR")
+    manifest: str | None = option(None, "score the files a .csv/.parquet table lists: 'path' (absolute or relative to the table) and optional 'image_id'", metavar="CSV|PARQUET")
+    split: str = option("test", "with --run: the split to score", choices=SCORE_SPLITS)
+    batch_size: int = option(32, "images per model call in each actor", metavar="N")
+    actors: int = option(1, "scoring actors, each loading the model once and taking 1 CPU (on CPUs, leave one for decoding)", metavar="N")
+    gpus_per_actor: float = option(0.0, "GPUs each actor reserves (0: score on the CPU)", metavar="G")
+
+    def check(self) -> None:
+        require(self.images is None or self.manifest is None, "{images} and {manifest} exclude each other: name one input")
+        require(self.batch_size >= 1 and self.actors >= 1, f"{{batch_size}} and {{actors}} must be >= 1, got {self.batch_size} and {self.actors}")
+        require(self.gpus_per_actor >= 0, f"{{gpus_per_actor}} must be >= 0, got {self.gpus_per_actor}")
 
 
 @dataclass

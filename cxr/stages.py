@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.settings import (
-    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, SplitSection, TuneSection,
+    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, ScoreSettings, SplitSection, TuneSection,
     ValidateSection,
 )
 from pipelines.atomic import staged_dir, write_json, write_text
@@ -541,6 +541,62 @@ def card_stage(run: RunDir, settings: CardSection) -> str:
              *([f"  not evaluated: {', '.join(missing)}"] if missing else []),
              f"wrote {run.model_card}, {run.model_card_json}"]
     return "\n".join(lines)
+
+
+def _score_inputs(run: RunDir | None, settings: ScoreSettings) -> tuple[pd.DataFrame, str]:
+    """The table of ``image_id``, absolute ``path`` to score, and where it came from, in words."""
+    from evaluation.batch_score import folder_inputs, manifest_inputs
+
+    given = [name for name, value in (("--images", settings.images), ("--manifest", settings.manifest), ("--run", run)) if value]
+    if len(given) != 1:
+        raise UserInputError(f"score needs exactly one input, --images DIR, --manifest CSV|PARQUET or --run DIR; got {' and '.join(given) or 'none'}")
+    if settings.images:
+        return folder_inputs(Path(settings.images)), f"the files under {settings.images}"
+    if settings.manifest:
+        return manifest_inputs(Path(settings.manifest)), f"the files {settings.manifest} lists"
+    manifest = manifest_of(run)
+    rows = manifest.merge(splits_of(run, manifest)[["image_id", "split"]], on="image_id")
+    if settings.split != "all":
+        rows = rows[rows["split"] == settings.split]
+    root = Path(_source_info(run)["images"])
+    return (pd.DataFrame({"image_id": rows["image_id"].astype(str).to_numpy(), "path": [str(root / p) for p in rows["path"]]}),
+            f"the {settings.split} split{'s' if settings.split == 'all' else ''} of {run.root}")
+
+
+def score_stage(run: RunDir | None, settings: ScoreSettings) -> str:
+    """``cxr score``: a collection through the Ray Data actor pool; ``pred_<finding>`` at the
+    validation-chosen thresholds when ``cxr evaluate`` scored this checkpoint."""
+    from evaluation.batch_score import QUARANTINE, SCORES, SUMMARY, THRESHOLDS, score_collection
+    from evaluation.scoring import read_thresholds, run_of_checkpoint
+    from trainers.checkpoint import read_info
+
+    inputs, source = _score_inputs(run, settings)
+    if run is None and not settings.checkpoint:
+        raise UserInputError("score needs --checkpoint DIR (or --run DIR, whose best checkpoint is used)")
+    checkpoint = run.best_checkpoint(settings.checkpoint) if run is not None else Path(settings.checkpoint)
+    info = read_info(checkpoint)
+    thresholds = read_thresholds(run or run_of_checkpoint(checkpoint), checkpoint, list(info["findings"]))
+    print(f"score: {len(inputs)} image(s), {source}; checkpoint {checkpoint} ({info['backbone']}, {info['image_size']} px); "
+          f"{settings.actors} actor(s) x batch {settings.batch_size}" + (f", {settings.gpus_per_actor:g} GPU each" if settings.gpus_per_actor else ""),
+          flush=True)
+    result = score_collection(inputs, checkpoint, Path(settings.out), thresholds, settings.batch_size, settings.actors,
+                              settings.gpus_per_actor, source)
+    s = result.summary
+    lines = [f"score: {s['rows_in']} in = {result.scored} scored + {result.quarantined} quarantined"
+             + (f" (first: {_first_reason(result.out / QUARANTINE)})" if result.quarantined else "")]
+    if result.flagged is None:
+        lines.append(f"  out of distribution: unknown; {s['ood_note']}")
+    else:
+        lines.append(f"  out of distribution: {result.flagged} of {result.scored} flagged; {s['ood_note']}")
+    lines.append(f"  calls: pred_<finding> at the {thresholds.rule} thresholds chosen on validation ({thresholds.source}), see {THRESHOLDS}"
+                 if thresholds else "  calls: none (no evaluation of this checkpoint: probabilities only; `cxr evaluate` chooses thresholds)")
+    lines.append(f"wrote {result.out}: {SCORES}/, {QUARANTINE}, {SUMMARY}" + (f", {THRESHOLDS}" if thresholds else ""))
+    return "\n".join(lines)
+
+
+def _first_reason(quarantine: Path) -> str:
+    row = pd.read_parquet(quarantine, columns=["image_id", "reason"]).iloc[0]
+    return f"{row['image_id']}: {row['reason']}"
 
 
 def report_stage(run: RunDir) -> str:

@@ -15,6 +15,9 @@ from typing import Iterable
 # use them (backbone, findings, image size, normalization).
 MODEL_FILE = "model.pt"
 INFO_FILE = "model.json"
+# Beside them when training recorded it: what the training inputs looked like (intensity and
+# penultimate-layer feature statistics, thresholds set on validation), for the OOD flag.
+OOD_FILE = "ood.npz"
 
 # Which model a run's evaluate, explain and external use when none is named: the Tune search's
 # winner before the plain training run's best epoch.

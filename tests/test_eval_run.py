@@ -143,7 +143,8 @@ def test_predict_images_matches_evaluation(evaluated_run):
     test = pd.read_parquet(evaluated_run.evaluation.out_dir / "predictions.parquet").head(3)
     files = [evaluated_run.phantom.images / i for i in test["image_id"]]
     frame = predict_images(evaluated_run.phantom.checkpoint, files)
-    assert list(frame.columns) == ["image", *[f"prob_{f}" for f in FINDINGS]]
+    assert list(frame.columns) == ["image", *[f"prob_{f}" for f in FINDINGS], "ood_score", "ood", "ood_intensity", "ood_features"]
+    assert frame["ood"].isna().all() and "no ood.npz" in frame.attrs["ood_note"]  # this fixture records no OOD statistics
     # the same decode as preprocessing: the same pixels, so the same probabilities
     np.testing.assert_allclose(frame[[f"prob_{f}" for f in FINDINGS]].to_numpy(),
                                test[[f"prob_{f}" for f in FINDINGS]].to_numpy(), atol=1e-5)
@@ -186,7 +187,8 @@ def test_predict_real_nih_png(tmp_path):
     save_checkpoint(checkpoint, build_model("resnet18"), model_info({"backbone": "resnet18"}, 64, 0.5, 0.25, 1, {}))
     png = sorted(NIH_IMAGES.glob("*.png"))[0]
     frame = predict_images(checkpoint, [png])
-    probs = frame.drop(columns="image").iloc[0]
+    probs = frame[[f"prob_{f}" for f in FINDINGS]].iloc[0]
     assert len(probs) == 14 and ((probs >= 0) & (probs <= 1)).all()
     text = format_predictions(frame)
     assert str(png) in text and all(f in text for f in FINDINGS)
+    assert "out of distribution: unknown" in text and "no ood.npz" in text

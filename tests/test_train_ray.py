@@ -38,7 +38,11 @@ def test_two_workers_train_report_auroc_and_write_the_checkpoint(ray_local, tmp_
     assert result.best_metrics["val_mean_auroc"] == pytest.approx(history["val_mean_auroc"].max())
 
     best = run / "train" / "best"
-    assert sorted(p.name for p in best.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in best.iterdir()) == ["model.json", "model.pt", "ood.npz"]
+    from trainers.ood import read_ood
+
+    ood, _ = read_ood(best)  # statistics of this run's train images, threshold on its 30 validation images
+    assert ood.meta["train_images"] == 64 and ood.meta["val_images"] == 30 and ood.meta["threshold_on"] == "val"
     info = json.loads((best / "model.json").read_text())
     assert info["backbone"] == "resnet18" and info["findings"] == list(FINDINGS) and info["image_size"] == 32
     assert info["in_channels"] == 1 and info["train_config"]["effective_loss"] == "weighted"

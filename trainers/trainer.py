@@ -144,7 +144,8 @@ def write_outputs(result, run: RunDir, cfg: TrainConfig, out: Path | None = None
     folder.mkdir(parents=True, exist_ok=True)
     best, history_csv, config_json = (folder / path.relative_to(run.train) for path in (run.train_best, run.train_history, run.train_config))
     with best_checkpoint.as_directory() as directory:
-        best_dir = publish_best(Path(directory), best)
+        # A cross-validation fold (``out``) is judged, not deployed: only the run's own model gets OOD statistics.
+        best_dir = publish_best(Path(directory), best, ood_from=run if out is None else None)
     with result.checkpoint.as_directory() as directory:  # the latest carries every epoch's row
         history = pd.DataFrame(read_history(directory))
     with staged_file(history_csv) as tmp:

@@ -137,16 +137,17 @@ def run_search(
     table = results_table(grid, base.epochs)
     csv, markdown = write_tables(table, out)
     curves = plot_curves(grid, out / "curves.png")
-    best_dir = _copy_best(grid, run.tune_best)
+    best_dir = _copy_best(grid, run.tune_best, run)
     return SearchResult(table, best_dir, csv, markdown, curves, int(table["epochs"].sum()) if len(table) else 0)
 
 
-def _copy_best(grid, best_dir: Path) -> Path | None:
-    """The best trial's best epoch, in the data-contract format, for ``cxr evaluate``."""
+def _copy_best(grid, best_dir: Path, run: RunDir) -> Path | None:
+    """The best trial's best epoch, in the data-contract format (with its OOD statistics), for
+    ``cxr evaluate`` and scoring."""
     source = best_checkpoint_path(grid)
     if source is None:
         return None
-    return publish_best(Path(source), best_dir)
+    return publish_best(Path(source), best_dir, ood_from=run)
 
 
 __all__ = ["CHECKPOINT_KEY", "SearchResult", "max_concurrent_trials", "open_tuner", "run_search"]
