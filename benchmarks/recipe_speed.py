@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "recipe_speed.json")
     args = p.parse_args(argv)
-    recipe = load_config(args.recipe).train
+    recipe = load_config(args.recipe).train.config
     configs = arms(recipe, args.epochs)
     rows: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:

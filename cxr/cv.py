@@ -13,6 +13,7 @@ the end ``oof_predictions.parquet``, ``subgroups.csv``, ``results.md`` and ``met
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -79,6 +80,8 @@ def _check_resume(run: RunDir, plan: FoldPlan, settings: dict) -> None:
     if not path.exists() or not (run.cv / "folds.parquet").exists():
         raise UserInputError(f"no cross-validation to resume at {run.cv}: run it without resume first")
     before = json.loads(path.read_text())
+    with contextlib.suppress(UserInputError, TypeError, ValueError):  # an option added since takes its default
+        before["train_config"] = TrainConfig.from_dict(before["train_config"]).to_dict()
     changed = sorted(k for k in settings if before.get(k) != settings[k])
     if "shards" in changed:
         raise StaleOutputError(f"the cross-validation at {run.cv} was trained on other shards than {run.shards} hold now "

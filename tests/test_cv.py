@@ -4,6 +4,7 @@ one epoch each), resumed once."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -154,6 +155,10 @@ def test_cv_end_to_end_scores_every_image_once_and_resumes(ray_local, phantom_cv
     assert sorted((line.split()[2], line.split()[4]) for line in epoch_lines) == sorted((str(k), f"{e}/{epochs}") for k in (1, 2, 3) for e in range(1, epochs + 1))
     assert len(lines) == len(fold_lines) + len(epoch_lines)
 
+    # Each fold trained in its own Ray Train run (a shared one would let a restored fold resume another's model).
+    runs = [json.loads((out / "folds" / f"fold-{k}" / "config.json").read_text())["ray_path"] for k in (1, 2, 3)]
+    assert [Path(p).name for p in runs] == ["fold-1", "fold-2", "fold-3"]
+
     # Every image of the shards scored exactly once, by the fold that held its patient out.
     oof = pd.read_parquet(out / "oof_predictions.parquet")
     shards = every_row(run.shards, ["image_id", "patient_id"])
@@ -216,6 +221,10 @@ def test_cv_end_to_end_scores_every_image_once_and_resumes(ray_local, phantom_cv
     # Resume: nothing is trained again, and it says so.
     model_files = {k: (out / "folds" / f"fold-{k}" / "best" / "model.pt").stat().st_mtime_ns for k in (1, 2, 3)}
     capsys.readouterr()
+    # A cross-validation started before a training option existed resumes: the option takes its default.
+    stored = json.loads((out / "settings.json").read_text())
+    del stored["train_config"]["ema"]
+    (out / "settings.json").write_text(json.dumps(stored))
     # through the command line, as a user resumes it: `cxr cv --folds 3 --resume` with the same training options
     args = ["--backbone", "resnet18", "--weights", "none", "--freeze", "none", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
             "--workers", "1", "--cpus-per-worker", "0.5", "--shuffle-buffer", "16", "--seed", "0", "--bootstrap", "200"]

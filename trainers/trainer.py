@@ -72,8 +72,8 @@ def build_trainer(run: RunDir, cfg: TrainConfig, storage_path: str | None = None
     if cfg.weights == "none" and cfg.effective_freeze != "none":
         logger.warning("--weights none with --freeze %s trains on top of random, frozen features", cfg.effective_freeze)
 
-    name = xrv_name(cfg.weights)
-    trained_at = published(name).get("input_resolution") if name else None
+    xrv_model = xrv_name(cfg.weights)
+    trained_at = published(xrv_model).get("input_resolution") if xrv_model else None
     if trained_at and trained_at != image_size:
         logger.warning("%s was trained on %dx%d images; these shards are %dx%d (it still loads; preprocess at %d to match it)",
                        cfg.weights, trained_at, trained_at, image_size, image_size, trained_at)

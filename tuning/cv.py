@@ -48,7 +48,7 @@ def fold_selection(cv_dir: Path, fold: int) -> Selection:
 def run_fold(config: dict) -> None:
     """The trial function: train fold ``config['fold']`` and publish its best epoch."""
     cv_dir, fold = Path(config["cv_dir"]), int(config["fold"])
-    result = fit_trial(config, fold_selection(cv_dir, fold))
+    result = fit_trial(config, fold_selection(cv_dir, fold), name=f"fold-{fold}")  # one Ray Train run per fold, always
     write_outputs(result, RunDir(config["run_dir"]), trial_config(config), fold_dir(cv_dir, fold))
 
 

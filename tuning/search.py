@@ -72,7 +72,9 @@ def open_tuner(path: Path, trainable, param_space: dict, resume: bool, tune_conf
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"no {what} to resume at {path}: {remedy}")
-        return tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space, resume_errored=True)
+        # The experiment's own recorded parameters, not ``param_space``: Tune refuses a space with keys it
+        # did not record (a training option added since), and the caller has checked the settings agree.
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     if path.exists():
         shutil.rmtree(path)
     return tune.Tuner(

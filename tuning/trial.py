@@ -18,11 +18,15 @@ def trial_config(config: dict) -> TrainConfig:
     return TrainConfig.from_dict({**config["base"], **searched})
 
 
-def fit_trial(config: dict, selection: Selection | None = None):
-    """Build and fit the trial's TorchTrainer (named after the trial, so a restored trial resumes
-    its own Ray Train run); returns the ``ray.train.Result``, or raises the run's error."""
+def fit_trial(config: dict, selection: Selection | None = None, name: str | None = None):
+    """Build and fit the trial's TorchTrainer, named ``name`` or after the trial, so a restored trial
+    resumes its own Ray Train run and never another's; returns the ``ray.train.Result``, or raises
+    the run's error. A run shared by two trials would let one resume the other's model: with the same
+    settings (CV folds differ only in their images) the settings-derived default name is the same."""
     cfg = trial_config(config)
-    name = ray.tune.get_context().get_trial_id()
+    name = name or ray.tune.get_context().get_trial_id()
+    if not name:
+        raise RuntimeError("a trial needs its own Ray Train run name: no name given and no Tune trial id")
     # The param space carries the run directory as a string (Tune records it in each trial's
     # params.json); the trial wraps it back into the contract object once, here.
     trainer = build_trainer(RunDir(config["run_dir"]), cfg, storage_path=config["train_storage"], name=name,
