@@ -1,5 +1,8 @@
-"""Shared fixtures: the real NIH subset (skipped when absent) and a real local Ray; how the tests
-are shared between pytest-xdist workers (`make test` runs two)."""
+"""Shared fixtures: the real NIH subset (skipped when absent) and a real local Ray.
+
+`make test` runs two pytest-xdist workers with ``--dist loadfile``: each test module runs whole, in
+order, on one worker, so module-scoped fixtures (a module's Ray, a run built test by test) hold; a
+session fixture (the evaluated phantom run) is built once per worker that needs it."""
 from __future__ import annotations
 
 import os
@@ -36,18 +39,3 @@ def ray_local():
     yield ray
     ray.shutdown()
 
-
-# Modules that share the session-scoped evaluated phantom run (tests/test_eval_fixtures.py, a few
-# minutes to build): one xdist worker runs them all, so it is built once.
-EVALUATED_RUN_MODULES = ("test_eval_run", "test_model_card", "test_report")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``pytest -n N --dist loadgroup`` each module runs whole on one worker (its module-scoped
-    Ray starts once), and the modules that share the evaluated run run on the same worker. Most of a
-    Ray test's wall time is waiting (start-up, shutdown, polling), so two workers on two cores
-    overlap that waiting rather than compete for the CPU."""
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        group = "evaluated_run" if module in EVALUATED_RUN_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))

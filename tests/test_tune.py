@@ -56,6 +56,7 @@ def reserved_placement_groups(ray_module) -> list[dict]:
     return [pg for pg in ray_module.util.placement_group_table().values() if pg["state"] != "REMOVED"]
 
 
+@pytest.mark.solo  # the state API it checks must reach this test's Ray, not a parallel worker's
 def test_a_trial_stopped_early_gives_its_workers_back(ray_local, tmp_path):
     """Tune kills the process of a trial it stops (as ASHA does); Ray Train V2 must still free that
     trial's worker reservation (ray-project/ray#54305), or an early-stopping search on a small
