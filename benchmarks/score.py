@@ -32,7 +32,8 @@ from pipelines.rundir import MODEL_FILE, OOD_FILE
 from trainers.checkpoint import load_checkpoint, model_info, save_checkpoint
 from trainers.features import penultimate
 from trainers.models import build_model
-from trainers.ood import file_sha256, fit_ood, intensity_summary, write_ood
+from pipelines.lineage import file_sha256
+from trainers.ood import fit_ood, intensity_summary, write_ood
 
 
 def make_checkpoint(folder: Path, backbone: str, size: int, files: list[Path]) -> Path:

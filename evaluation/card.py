@@ -12,7 +12,6 @@ does. A section whose files are absent says which command makes them instead of 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from evaluation.subgroups import MEAN, below_overall, not_beating_baselines
 from pipelines.atomic import write_json, write_text
 from pipelines.errors import UserInputError
 from pipelines.formatting import estimate, number, percent, signed
+from pipelines.lineage import file_sha256
 from pipelines.rundir import INFO_FILE, MODEL_FILE, RunDir
 
 FORMAT = "cxr-model-card/1"
@@ -112,14 +112,6 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checkpoint(run: RunDir, metrics: dict | None) -> Path | None:
     """The model the card describes: the one evaluated, else the one the run's later stages would use."""
     if metrics and metrics.get("checkpoint"):
@@ -140,7 +132,7 @@ def _inputs(run: RunDir, metrics: dict | None) -> list[Path]:
 
 def input_digests(run: RunDir, metrics: dict | None) -> dict[str, str]:
     """SHA-256 of every file the card reads (relative to the run where it lies inside it)."""
-    return {_rel(p, run): _digest(p) for p in _inputs(run, metrics)}
+    return {_rel(p, run): file_sha256(p) for p in _inputs(run, metrics)}
 
 
 def _rel(path: Path, run: RunDir) -> str:
@@ -198,7 +190,7 @@ def _model(run: RunDir, metrics: dict | None) -> dict:
         "val_mean_auroc": (info.get("metrics") or {}).get("val_mean_auroc"),
         "trained": (datetime.fromtimestamp(weights.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                     if weights.is_file() else None),
-        "sha256": _digest(weights) if weights.is_file() else None,
+        "sha256": file_sha256(weights) if weights.is_file() else None,
         "size_bytes": weights.stat().st_size if weights.is_file() else None,
     }
 

@@ -135,3 +135,12 @@ def check_model_lineage(run: RunDir, checkpoint: Path, stats: dict) -> None:
             trained_on = _read_json(folder / "lineage.json").get("shards")
             if trained_on and stats.get("shards") and trained_on != stats["shards"]:
                 raise StaleOutputError(f"{checkpoint} was trained on other shards than {run.shards} hold now (preprocess ran again since): re-run `cxr {verb} --run {run.root}`, or pass --checkpoint to use it anyway")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (a checkpoint's weights, a card's inputs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

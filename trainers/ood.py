@@ -23,7 +23,6 @@ for other weights) still scores, with null OOD fields and a note saying why.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import CxrError
+from pipelines.lineage import file_sha256
 from pipelines.rundir import MODEL_FILE, OOD_FILE, RunDir
 
 FORMAT = "cxr-ood/1"
@@ -108,14 +108,6 @@ class OodStats:
         score = d["max"] / self.threshold
         return {"ood_score": score.astype(np.float32), "ood": score > 1.0,
                 "ood_intensity": d["intensity"].astype(np.float32), "ood_features": d["features"].astype(np.float32)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fit_ood(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], model_sha256: str,
