@@ -10,7 +10,7 @@ from typing import Any
 
 from cxr.settings import (
     RAY_STAGES, CardSection, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
-    PredictSettings, PreprocessSection, RunSection, ScoreSettings, SplitSection, TuneSection, ValidateSection,
+    PredictSettings, PreprocessSection, RunSection, ScoreSettings, SplitSection, TrackingSection, TuneSection, ValidateSection,
 )
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
@@ -36,19 +36,21 @@ class Verb:
 
 
 TRAIN = ("train", TrainConfig, ())
+TRACKING = ("tracking", TrackingSection, ())
+TRACKING_NO_REGISTER = ("tracking", TrackingSection, ("register",))  # cv folds and evaluations are not deployed models
 VERBS = (
     Verb("ingest", "read a collection's label file into manifest.parquet + quarantine.parquet", (("data", DataSection, ()),)),
     Verb("validate", "run the Great Expectations suites on the manifest (and splits, if present)", (("validate", ValidateSection, ()),)),
     Verb("split", "patient-level train/val/test split with a leakage audit", (("split", SplitSection, ()),)),
     Verb("preprocess", "Ray Data: decode, 8-bit grayscale, resize, write Parquet shards, train-only stats", (("preprocess", PreprocessSection, ()),)),
     Verb("eda", "exploratory analysis: figures + summary.md/html in <run>/eda", (("eda", EdaSection, ()),)),
-    Verb("train", "Ray Train: fine-tune a backbone on the shards, checkpoints in <run>/train", (TRAIN,)),
-    Verb("tune", "Ray Tune: search sampling x loss x freeze x lr with ASHA; table in <run>/tune",
-         (("train", TrainConfig, STRATEGY_AXES), ("tune", TuneSection, ()))),
+    Verb("train", "Ray Train: fine-tune a backbone on the shards, checkpoints in <run>/train; tracked in MLflow", (TRAIN, TRACKING)),
+    Verb("tune", "Ray Tune: search sampling x loss x freeze x lr with ASHA; table in <run>/tune; trials tracked in MLflow",
+         (("train", TrainConfig, STRATEGY_AXES), ("tune", TuneSection, ()), TRACKING)),
     Verb("cv", "patient-grouped k-fold cross-validation of the training recipe: folds as concurrent Ray Tune trials; <run>/cv",
-         (TRAIN, ("cv", CvSection, ()))),
+         (TRAIN, ("cv", CvSection, ()), TRACKING_NO_REGISTER)),
     Verb("evaluate", "test-split metrics with patient-bootstrap CIs beside two baselines, operating points, calibration, robustness, subgroups",
-         (("evaluate", EvaluateSection, ()),)),
+         (("evaluate", EvaluateSection, ()), TRACKING_NO_REGISTER)),
     Verb("external", "external validation: ingest, gate, preprocess and score a second collection into <run>/external/NAME",
          (("external", ExternalSet, ()),)),
     Verb("explain", "Grad-CAM heatmaps per predicted finding; pointing game against radiologist boxes",
@@ -168,10 +170,14 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
         from cxr.demo import run_demo
 
         return run_demo(run, s["demo"])
+    if name == "train":
+        return stages.train_stage(run, s["train"], s["tracking"])
     if name == "tune":
-        return stages.tune_stage(run, s["tune"], s["train"])
+        return stages.tune_stage(run, s["tune"], s["train"], s["tracking"])
     if name == "cv":
-        return stages.cv_stage(run, s["cv"], s["train"])
+        return stages.cv_stage(run, s["cv"], s["train"], s["tracking"])
+    if name == "evaluate":
+        return stages.evaluate_stage(run, s["evaluate"], s["tracking"])
     if name == "report":
         return stages.report_stage(run)
     if name == "explain":

@@ -33,6 +33,7 @@ from pipelines.rundir import RunDir
 from pipelines.shards import every_row
 from pipelines.split import LeakageError
 from trainers.config import TrainConfig
+from trainers.tracking import Tracker, clear_record, headline_metrics, training_params, training_tags
 
 SETTINGS_FILE = "settings.json"
 
@@ -111,12 +112,13 @@ def _check_oof(oof: pd.DataFrame, plan: FoldPlan) -> None:
 
 def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_frac: float = 0.15, resume: bool = False,
            n_boot: int = 1000, subgroups: list[str] | None = None, progress: Callable[[str], None] = print,
-           max_concurrent: int | None = None, verbose: bool = False) -> CVResult:
+           max_concurrent: int | None = None, verbose: bool = False, tracker: Tracker | None = None) -> CVResult:
     """Patient-grouped ``folds``-fold cross-validation of ``base`` over every image of the run's
     shards, on the connected Ray cluster; writes ``<run>/cv/``. ``resume`` continues an interrupted
     one (finished folds are not trained again). ``progress`` gets one line per finished fold (and,
-    ``verbose``, one per epoch of every fold)."""
-    from evaluation.cv import cv_baselines, cv_metrics, mean_auroc, score_fold, shortfall_lines, write_cv_outputs
+    ``verbose``, one per epoch of every fold). ``tracker``: an MLflow parent run for the
+    cross-validation (settings, the pooled out-of-fold figures, ``results.md``) with one nested run per fold."""
+    from evaluation.cv import mean_auroc, score_fold
     from tuning.cv import fold_dir, run_folds
 
     stats = _check_inputs(run, folds)
@@ -151,8 +153,31 @@ def run_cv(run: RunDir, base: TrainConfig, folds: int, *, seed: int = 0, val_fra
     def on_error(fold: int, message: str) -> None:
         progress(f"cv: fold {fold}/{folds} {message}; the other folds go on")
 
-    runs = run_folds(run, base, run.cv, folds, resume=resume, on_done=on_done, on_error=on_error, max_concurrent=max_concurrent,
-                     epoch_echo=(lambda line: progress(f"cv: {line}")) if verbose else None)
+    tracker = tracker or Tracker.off()
+    clear_record(run.cv)
+    parent = tracker.start_run(f"cv {folds} folds", training_tags(run, "cv"))
+    tracker.log_params(parent, {**training_params(run, base), "cv.folds": folds, "cv.seed": seed, "cv.val_frac": val_frac, "cv.resumed": resume})
+    try:
+        runs = run_folds(run, base, run.cv, folds, resume=resume, on_done=on_done, on_error=on_error, max_concurrent=max_concurrent,
+                         epoch_echo=(lambda line: progress(f"cv: {line}")) if verbose else None, tracker=tracker, parent_run=parent)
+        result = _pool(run, base, folds, seed, val_frac, n_boot, subgroups, stats, plan, runs, scored, score, finished)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.log_metrics(parent, headline_metrics(result.metrics))
+    tracker.log_files(parent, [run.cv / "results.md", run.cv / "metrics.json"])
+    tracker.end_run(parent)
+    tracker.record(run.cv, parent)
+    return result
+
+
+def _pool(run: RunDir, base: TrainConfig, folds: int, seed: int, val_frac: float, n_boot: int, subgroups: list[str] | None,
+          stats: dict, plan: FoldPlan, runs: list, scored: Callable[[int], bool], score: Callable[[int], pd.DataFrame],
+          finished: list[int]) -> CVResult:
+    """The folds' held-out predictions pooled and scored: out-of-fold metrics beside the baselines."""
+    from evaluation.cv import cv_baselines, cv_metrics, shortfall_lines, write_cv_outputs
+    from tuning.cv import fold_dir
+
     failed = [r for r in runs if r.error is not None]
     unfinished = [r.fold for r in runs if r.error is None and not (r.out_dir / "best" / "model.json").is_file()]
     if failed or unfinished:  # a failed trial, or an interrupted fit (Ctrl-C): keep what finished

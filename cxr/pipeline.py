@@ -138,7 +138,7 @@ def build_stages(config: Config) -> list[Stage]:
 
     def tune(run: RunDir, resume: bool) -> str:
         settings = dataclasses.replace(config.tune, resume=resume and _can_restore_search(run))
-        return stages.tune_stage(run, settings, trial_base)
+        return stages.tune_stage(run, settings, trial_base, config.tracking)
 
     def with_checkpoint(section: Any, given: str | None) -> Callable[[RunDir], Any]:
         return lambda run: dataclasses.replace(section, checkpoint=checkpoint(run, given))
@@ -152,19 +152,20 @@ def build_stages(config: Config) -> list[Stage]:
         "preprocess": Stage("preprocess", {"preprocess": _section(p)}, lambda run, r: stages.preprocess_stage(run, p),
                             lambda run: _mismatch(run.stats, {"image_size": p.image_size})),
         "eda": Stage("eda", {"eda": _section(config.eda)}, lambda run, r: stages.eda_stage(run, config.eda)),
-        "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg), lambda run: _mismatch(run.train_config, cfg.to_dict())),
+        "train": Stage("train", {"train": cfg.to_dict()}, lambda run, r: stages.train_stage(run, cfg, config.tracking), lambda run: _mismatch(run.train_config, cfg.to_dict())),
         "tune": Stage("tune", {"tune": _section(t), "trial_base": trial_base.to_dict(),
                                "space_file": Path(t.space).read_text() if t.space and Path(t.space).is_file() else None}, tune),
     }
     if "cv" in on:
         cv = _stage_function("cv")
         table["cv"] = Stage("cv", {"cv": _section(config.cv), "trial_base": cfg.to_dict()},
-                            lambda run, r: cv(run, dataclasses.replace(config.cv, resume=r and _can_resume_cv(run)), cfg))
+                            lambda run, r: cv(run, dataclasses.replace(config.cv, resume=r and _can_resume_cv(run)), cfg, config.tracking))
     for name in ("evaluate", "explain"):
         if name in on:
             fn, section = _stage_function(name), getattr(config, name)
             resolved = with_checkpoint(section, section.checkpoint)
-            table[name] = Stage(name, {name: _section(section)}, lambda run, r, fn=fn, resolved=resolved: fn(run, resolved(run)))
+            extra = (config.tracking,) if name == "evaluate" else ()
+            table[name] = Stage(name, {name: _section(section)}, lambda run, r, fn=fn, resolved=resolved, extra=extra: fn(run, resolved(run), *extra))
     if "external" in on:
         given = config.evaluate.checkpoint
         sets = [(x, with_checkpoint(x, x.checkpoint or given)) for x in config.external]
@@ -292,7 +293,20 @@ def run_pipeline(config: Config, force: bool = False, echo: Callable[[str], None
         lines.append(f"model card: {config.run.dir.rstrip('/')}/{run.model_card.name}")
     if run.report.exists():
         lines.append(f"report: {config.run.dir.rstrip('/')}/report.html")
+    lines += _tracking_line(config, run)
     return "\n".join(lines)
+
+
+def _tracking_line(config: Config, run: RunDir) -> list[str]:
+    """Where the run's MLflow runs went: the UI command for the embedded local store."""
+    from trainers.tracking import ui_command
+
+    if not config.tracking.enabled:
+        return []
+    if run.mlflow_db.exists() and not (config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        return [f"MLflow runs: {ui_command(Path(config.run.dir))}  (then open http://127.0.0.1:5000)"]
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return [f"MLflow runs: experiment {config.tracking.experiment!r} at {uri}"] if uri else []
 
 
 def _run_stage(stage: Stage, run: RunDir, ups: dict[str, str], force: bool, publish: Callable[[], None],

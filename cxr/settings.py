@@ -228,6 +228,22 @@ class ExplainSection(Settings):
 
 
 @dataclass
+class TrackingSection(Settings):
+    """MLflow experiment tracking of train, tune, cv and evaluate (``trainers/tracking.py``)."""
+
+    enabled: bool = option(True, "log settings, data fingerprint, per-epoch metrics and the best checkpoint to MLflow "
+                                 "(--no-tracking: off)", flag="--no-tracking")
+    uri: str | None = option(None, "MLflow tracking server or store; unset: MLFLOW_TRACKING_URI, else the embedded "
+                                   "local store sqlite:///<run>/mlflow.db", flag="--tracking-uri", metavar="URI")
+    experiment: str = option("cxr", "MLflow experiment the runs are logged to", metavar="NAME")
+    register: str | None = option(None, "register the best checkpoint as a new version of this MLflow registered model "
+                                        "(cxr evaluate later tags it with the test metrics)", metavar="NAME")
+
+    def check(self) -> None:
+        require(bool(self.experiment.strip()), "{experiment} must not be empty")
+
+
+@dataclass
 class CardSection(Settings):
     """The model card (``cxr card``): the thresholds its limitations are derived by."""
 
@@ -261,6 +277,7 @@ class Config:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     explain: ExplainSection = field(default_factory=ExplainSection)
     card: CardSection = field(default_factory=CardSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     report: ReportSection = field(default_factory=ReportSection)
     external: list[ExternalSet] = field(default_factory=list)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.settings import (
-    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, ScoreSettings, SplitSection, TuneSection,
-    ValidateSection,
+    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, ScoreSettings, SplitSection,
+    TrackingSection, TuneSection, ValidateSection,
 )
 from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
@@ -289,14 +289,40 @@ def _auroc_lines(metrics: dict, prefix: str = "val_auroc_") -> list[str]:
     return [f"    {f:<19} {metrics.get(prefix + f, float('nan')):.3f}" for f in FINDINGS]
 
 
-def train_stage(run: RunDir, cfg: TrainConfig) -> str:
+def open_tracker(run: RunDir, tracking: TrackingSection | None, register: bool = True):
+    """The MLflow tracker a stage logs to (``trainers/tracking.py``); off when ``tracking`` is None
+    (a library caller) or disabled (``--no-tracking``)."""
+    from trainers.tracking import Tracker
+
+    if tracking is None or not tracking.enabled:
+        return Tracker.off()
+    return Tracker.open(run.root, tracking.uri, tracking.experiment, tracking.register if register else None)
+
+
+def tracking_lines(tracker, run: RunDir, record_folder: Path) -> list[str]:
+    """Where the stage's MLflow run went, and how to look at it."""
+    from trainers.tracking import is_local_store, read_record, ui_command
+
+    record = read_record(record_folder)
+    if not tracker.enabled or record is None:
+        return ["  MLflow: " + ("off (tracking failed: see the warning above)" if tracker.warnings_given else "off")] if tracker.uri or tracker.warnings_given else []
+    lines = [f"  MLflow: run {record['run_id']} in experiment {record['experiment']!r} at {record['tracking_uri']}"]
+    if registered := record.get("registered"):
+        lines.append(f"  registered as {registered['name']} version {registered['version']} (models:/{registered['name']}/{registered['version']})")
+    if is_local_store(record["tracking_uri"], run.root):
+        lines.append(f"  MLflow UI: {ui_command(run.root)}")
+    return lines
+
+
+def train_stage(run: RunDir, cfg: TrainConfig, tracking: TrackingSection | None = None) -> str:
     """Ray Train on the run's shards; the best epoch's checkpoint lands in ``<run>/train/best``."""
     from pipelines.lineage import write_model_lineage
     from trainers import fit
 
     stats = current_shards(run)
+    tracker = open_tracker(run, tracking)
     print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
-    result = fit(run, cfg, echo=lambda line: print(f"  {line}", flush=True))
+    result = fit(run, cfg, echo=lambda line: print(f"  {line}", flush=True), tracker=tracker)
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
@@ -308,19 +334,22 @@ def train_stage(run: RunDir, cfg: TrainConfig) -> str:
         "  per-finding validation AUROC (nan = undefined: one class only in validation):",
         *_auroc_lines(best),
         f"wrote {result.best_checkpoint_dir} (model.pt + model.json), {run.train_history}",
+        *tracking_lines(tracker, run, run.train),
     ]
     return "\n".join(lines)
 
 
-def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
+def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig, tracking: TrackingSection | None = None) -> str:
     """Ray Tune over training strategies from ``base``; table in ``<run>/tune/results.{csv,md}``, best in ``tune/best``."""
     from pipelines.lineage import write_model_lineage
     from tuning import run_search
 
     stats = current_shards(run)
     asha = settings.asha
+    tracker = open_tracker(run, tracking)
     result = run_search(run, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
-                        grace_period=settings.grace_period, epoch_echo=(lambda line: print(f"  {line}", flush=True)) if settings.verbose else None)
+                        grace_period=settings.grace_period, epoch_echo=(lambda line: print(f"  {line}", flush=True)) if settings.verbose else None,
+                        tracker=tracker)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
     shown = result.table.drop(columns=[c for c in hidden if c in result.table])
@@ -328,6 +357,7 @@ def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig) -> str:
         f"tune: {len(result.table)} trial(s), {result.trial_epochs} trial-epochs trained ({'ASHA early stopping' if asha else 'no early stopping'})",
         shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
         f"wrote {result.csv}, {result.markdown}" + (f", {result.curves}" if result.curves else "") + (f", best checkpoint {result.best_dir}" if result.best_dir else " (no trial produced a checkpoint)"),
+        *tracking_lines(tracker, run, run.tune),
     ]
     return "\n".join(lines)
 
@@ -341,15 +371,20 @@ def _pointing_line(summary: dict) -> str:
     )
 
 
-def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
+def evaluate_stage(run: RunDir, settings: EvaluateSection, tracking: TrackingSection | None = None) -> str:
     """Test-split metrics with patient-bootstrap intervals beside two baselines, operating points
     from validation, calibration, robustness and subgroups, in ``<run>/eval``."""
     from evaluation import evaluate_run
 
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
     _check_inputs(run, checkpoint)
+    from trainers.tracking import clear_record
+
+    tracker = open_tracker(run, tracking, register=False)
+    clear_record(run.eval)
     result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups)
     m = result.metrics
+    registered = track_evaluation(tracker, run, result, settings)
     mean = m["mean"]
     lines = [
         f"evaluate: checkpoint {m.get('checkpoint', checkpoint)}, {len(result.predictions)} test images",
@@ -368,7 +403,38 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection) -> str:
         lines.append(f"  subgroups by {', '.join(m['subgroups'])}: eval/subgroups.csv")
     lines += [f"  ! {w}" for w in m.get("warnings", [])]
     lines.append(f"wrote {result.out_dir}: predictions.parquet, metrics.json, figures/")
+    lines += tracking_lines(tracker, run, run.eval)
+    if registered:
+        lines.append(f"  tagged {registered['name']} version {registered['version']} with these test metrics")
     return "\n".join(lines)
+
+
+def track_evaluation(tracker, run: RunDir, result, settings: EvaluateSection) -> dict | None:
+    """The evaluation as an MLflow run (headline metrics, metrics.json, tables, figures), linked to
+    the training run that made the checkpoint; a registered version of it gets the test metrics as tags."""
+    from pipelines.lineage import data_fingerprint, file_sha256
+    from trainers.tracking import headline_metrics, read_record, tag_registered, training_tags
+
+    m = result.metrics
+    checkpoint = Path(m["checkpoint"])
+    trained = read_record(checkpoint.parent)
+    run_id = tracker.start_run("evaluate", {**training_tags(run, "evaluate"), "cxr.checkpoint": str(checkpoint),
+                                            **({"cxr.trained_by": trained["run_id"]} if trained else {})})
+    model_json = checkpoint / "model.json"
+    tracker.log_params(run_id, {"checkpoint": str(checkpoint), "model_json_sha256": file_sha256(model_json) if model_json.is_file() else None,
+                                "backbone": m.get("backbone"), "image_size": m.get("image_size"), "bootstrap": settings.bootstrap,
+                                "robustness": settings.robustness, "subgroups": settings.subgroups, "data": data_fingerprint(run)})
+    tracker.log_metrics(run_id, headline_metrics(m))
+    out = result.out_dir
+    tracker.log_files(run_id, [out / "metrics.json", out / "robustness.csv", out / "subgroups.csv"])
+    tracker.log_folder(run_id, out / "figures", "figures")
+    tracker.end_run(run_id)
+    tracker.record(run.eval, run_id)
+    mean = m["mean"]
+    tags = {"test_mean_auroc": mean.get("auroc"), "test_mean_auroc_ci": f"[{mean.get('ci_low')}, {mean.get('ci_high')}]",
+            "test_images": m.get("n_images"), "test_patients": m.get("n_patients"), "evaluated_by_run": run_id or "",
+            **{f"model_minus_{name}": f"{b.get('diff')} [{b.get('diff_ci_low')}, {b.get('diff_ci_high')}]" for name, b in (m.get("baselines") or {}).items()}}
+    return tag_registered(trained, tags) if tracker.uri is not None else None  # --no-tracking leaves the registry alone
 
 
 def _check_inputs(run: RunDir, checkpoint: Path | None) -> dict:
@@ -492,16 +558,17 @@ def explain_stage(run: RunDir, settings: ExplainSection) -> str:
     return "\n".join([f"explain: {len(result.images)} Grad-CAM overlay(s)", _pointing_line(result.summary), f"wrote {result.out_dir}"])
 
 
-def cv_stage(run: RunDir, settings: CvSection, base: TrainConfig) -> str:
+def cv_stage(run: RunDir, settings: CvSection, base: TrainConfig, tracking: TrackingSection | None = None) -> str:
     """Patient-grouped k-fold cross-validation of the training recipe ``base``: folds as concurrent
     Ray Tune trials, pooled out-of-fold metrics beside cross-validated baselines, in ``<run>/cv``."""
     from cxr.cv import cv_summary, run_cv
 
     print(f"cv: {settings.folds} folds by patient of {base.backbone}, {base.epochs} epoch(s) each; one line per fold as it ends", flush=True)
+    tracker = open_tracker(run, tracking, register=False)
     result = run_cv(run, base, settings.folds, seed=base.seed, val_frac=settings.val_frac, resume=settings.resume,
                     n_boot=settings.bootstrap, subgroups=settings.subgroups, verbose=settings.verbose,
-                    progress=lambda line: print(f"  {line}", flush=True))
-    return cv_summary(result)
+                    progress=lambda line: print(f"  {line}", flush=True), tracker=tracker)
+    return "\n".join([cv_summary(result), *tracking_lines(tracker, run, run.cv)])
 
 
 def explain_images_stage(files: ExplainImages, settings: ExplainSection) -> str:
@@ -531,7 +598,10 @@ def card_stage(run: RunDir, settings: CardSection) -> str:
     run's files, the limitations derived from its numbers, absent parts named with their command."""
     from evaluation.card import write_card
 
+    from trainers.tracking import attach_files, read_record
+
     card = write_card(run, min_positives=settings.min_positives, max_drop=settings.max_drop)
+    attach_files(read_record(run.eval), [run.model_card, run.model_card_json])  # the card joins the evaluation's MLflow run
     parts = {**{k: v for k, v in card["sections"].items() if k != "metrics"},
              **{f"metrics ({k})": v for k, v in card["sections"]["metrics"].items()}}
     missing = [name.replace("_", " ") for name, part in parts.items() if part.get("status") == "missing"]
@@ -605,7 +675,11 @@ def report_stage(run: RunDir) -> str:
     from evaluation import write_report
     from validation.report import SUMMARY_FILE, overall_line
 
-    lines = [f"report: {write_report(run)}"]
+    from trainers.tracking import attach_files, read_record
+
+    report = write_report(run)
+    attach_files(read_record(run.eval), [report])  # the report joins the evaluation's MLflow run
+    lines = [f"report: {report}"]
     summary = json.loads((run.validation / SUMMARY_FILE).read_text()) if (run.validation / SUMMARY_FILE).exists() else {}
     if summary.get("suites"):
         lines.append(overall_line(summary))

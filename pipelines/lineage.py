@@ -144,3 +144,20 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def data_fingerprint(run: RunDir) -> dict[str, object]:
+    """What a model was made from, in a few values a tracker records beside its settings: the
+    manifest's row count, the split's seed and a hash of ``splits.parquet``, the shards' id and
+    image size. A missing part is left out."""
+    found: dict[str, object] = {}
+    if run.manifest.is_file():
+        found["manifest_rows"] = pq.ParquetFile(run.manifest).metadata.num_rows
+    if run.split_report.is_file():
+        found["split_seed"] = _read_json(run.split_report).get("seed")
+    if run.splits.is_file():
+        found["splits_sha256"] = file_sha256(run.splits)
+    if run.stats.is_file():
+        stats = _read_json(run.stats)
+        found.update(shards=stats.get("shards"), image_size=stats.get("image_size"))
+    return found

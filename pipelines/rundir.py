@@ -84,6 +84,10 @@ class RunDir:
     model_card = At("model_card.md", doc="The model card (``cxr card``): what the model is, what it was trained and tested on, how well it does, for whom, and where it fails.")
     model_card_json = At("model_card.json", doc="The model card's facts as JSON, the ones ``model_card.md`` and the report's card section show.")
 
+    # experiment tracking (trainers/tracking.py): the embedded MLflow store, when no tracking server is named
+    mlflow_db = At("mlflow.db", doc="The embedded MLflow tracking store (SQLite) of train, tune, cv and evaluate.")
+    mlartifacts = At("mlartifacts", doc="The artifacts (best checkpoints, tables, figures) of the runs in ``mlflow.db``.")
+
     # external validation, cross-validation
     externals = At("external", doc="The folder of every external validation set (``external(NAME)`` is one of them).")
     cv = At("cv", doc="Patient-grouped cross-validation (``cxr cv``): out-of-fold predictions, metrics, per-fold runs.")

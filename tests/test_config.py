@@ -167,13 +167,14 @@ class FakeStages:
         (run.eda / "summary.md").write_text(str(settings.sample_size))
         return self._log("eda")
 
-    def train_stage(self, run, cfg):
+    def train_stage(self, run, cfg, tracking):
+        assert tracking.enabled and tracking.experiment == "cxr"  # the config's tracking section reaches the training stages
         (run.train / "best").mkdir(parents=True, exist_ok=True)
         (run.train / "best" / "model.json").write_text("{}")
         (run.train / "config.json").write_text(json.dumps({**cfg.to_dict(), "ray_path": "x"}))
         return self._log("train", lr=cfg.lr)
 
-    def tune_stage(self, run, settings, base):
+    def tune_stage(self, run, settings, base, tracking):
         if self.fail_tune_once:
             self.fail_tune_once = False
             (run.tune).mkdir(exist_ok=True)
@@ -183,12 +184,12 @@ class FakeStages:
         (run.tune / "results.csv").write_text("trial\n")
         return self._log("tune", resume=settings.resume, workers=base.workers)
 
-    def cv_stage(self, run, settings, base):
+    def cv_stage(self, run, settings, base, tracking):
         run.cv.mkdir(exist_ok=True)
         (run.cv / "metrics.json").write_text("{}")
         return self._log("cv", folds=settings.folds, resume=settings.resume)
 
-    def evaluate_stage(self, run, settings):
+    def evaluate_stage(self, run, settings, tracking):
         run.eval.mkdir(exist_ok=True)
         (run.eval / "metrics.json").write_text("{}")
         return self._log("evaluate", checkpoint=_path(settings.checkpoint))

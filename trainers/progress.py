@@ -1,8 +1,8 @@
 """Training you can watch: one line per epoch, printed by the driver as each epoch ends.
 
 Ray Train calls a ``UserCallback`` in its controller (an actor, whose output stays out of the
-terminal like the workers'), so the callback puts each epoch's line on a Ray queue and a thread of
-the driver prints it: lines a CI or job log keeps, not a redrawn bar, and no per-batch output.
+terminal like the workers'), so the callback puts each epoch's line and metrics on a Ray queue and a
+thread of the driver prints it (and hands the metrics to the experiment tracker): lines a CI or job log keeps, not a redrawn bar, and no per-batch output.
 """
 from __future__ import annotations
 
@@ -52,12 +52,14 @@ class EpochLines(UserCallback):
         auroc = m.get("val_mean_auroc", math.nan)
         if auroc == auroc:
             self.best = max(self.best, auroc)
-        self.lines.put(line)
+        self.lines.put((line, dict(m)))
 
 
 @contextlib.contextmanager
-def printed_epochs(epochs: int, echo: Callable[[str], None] = lambda line: print(line, flush=True)) -> Iterator[EpochLines]:
-    """The callback to hand Ray Train, and a driver thread echoing its lines until the block ends."""
+def printed_epochs(epochs: int, echo: Callable[[str], None] = lambda line: print(line, flush=True),
+                   on_metrics: Callable[[dict], None] | None = None) -> Iterator[EpochLines]:
+    """The callback to hand Ray Train, and a driver thread echoing its lines until the block ends.
+    ``on_metrics`` gets each epoch's reported metrics in the driver too (experiment tracking)."""
     from ray.util.queue import Empty, Queue
 
     lines = Queue()
@@ -66,10 +68,14 @@ def printed_epochs(epochs: int, echo: Callable[[str], None] = lambda line: print
     def pump() -> None:
         while True:
             try:
-                echo(lines.get(timeout=0.5))
+                line, metrics = lines.get(timeout=0.5)
             except (Empty, stdlib_queue.Empty):
                 if done.is_set():
                     return
+                continue
+            echo(line)
+            if on_metrics is not None:
+                on_metrics(metrics)
 
     thread = threading.Thread(target=pump, name="cxr-epoch-lines", daemon=True)
     thread.start()

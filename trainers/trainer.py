@@ -33,6 +33,7 @@ from trainers.data import Selection, materialize, resampled, tensor_dataset, tra
 from trainers.publish import publish_best
 from trainers.loop import train_dataset_name, train_loop_per_worker, val_dataset_name
 from trainers.progress import printed_epochs
+from trainers.tracking import Tracker, clear_record, training_params, training_tags
 from trainers.losses import class_weights
 from trainers.sampling import make_plan
 from trainers.weights import initial_state_dict
@@ -155,12 +156,30 @@ def write_outputs(result, run: RunDir, cfg: TrainConfig, out: Path | None = None
 
 
 def fit(run: RunDir, cfg: TrainConfig, storage_path: str | None = None, name: str | None = None,
-        echo: Callable[[str], None] | None = None) -> TrainResult:
+        echo: Callable[[str], None] | None = None, tracker: Tracker | None = None) -> TrainResult:
     """Train per ``cfg`` on ``<run>/shards`` on the connected Ray cluster; write ``<run>/train/``.
-    ``echo`` gets one line per epoch as it ends (trainers/progress.py)."""
-    if echo is None:
-        result = build_trainer(run, cfg, storage_path, name).fit()
-    else:
-        with printed_epochs(cfg.epochs, echo) as lines:
-            result = build_trainer(run, cfg, storage_path, name, callbacks=[lines], echo=echo).fit()
-    return write_outputs(result, run, cfg)
+    ``echo`` gets one line per epoch as it ends (trainers/progress.py); ``tracker`` logs the run to
+    MLflow: settings and data fingerprint, each epoch's metrics as it ends, the best checkpoint."""
+    tracker = tracker or Tracker.off()
+    clear_record(run.train)
+    run_id = tracker.start_run(f"train {cfg.backbone}", training_tags(run, "train"))
+    tracker.log_params(run_id, training_params(run, cfg))
+    log_epoch = (lambda metrics: tracker.log_metrics(run_id, metrics, step=int(metrics.get("epoch", 0)))) if run_id else None
+    try:
+        if echo is None and log_epoch is None:
+            result = build_trainer(run, cfg, storage_path, name).fit()
+        else:
+            with printed_epochs(cfg.epochs, echo or (lambda line: None), log_epoch) as lines:
+                result = build_trainer(run, cfg, storage_path, name, callbacks=[lines], echo=echo).fit()
+        outputs = write_outputs(result, run, cfg)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.log_checkpoint(run_id, outputs.best_checkpoint_dir)
+    tracker.log_files(run_id, [run.train_history, run.train_config])
+    tracker.set_tags(run_id, {"cxr.best_epoch": int(outputs.best_metrics.get("epoch", 0)),
+                              "cxr.best_val_mean_auroc": outputs.best_metrics.get(SCORE)})
+    registered = tracker.register(run_id)
+    tracker.end_run(run_id)
+    tracker.record(run.train, run_id, **({"registered": registered} if registered else {}))
+    return outputs

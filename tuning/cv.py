@@ -24,7 +24,9 @@ from pipelines.folds import read_fold_roles
 from pipelines.rundir import RunDir
 from trainers import Selection, TrainConfig
 from trainers.trainer import write_outputs
+from trainers.tracking import Tracker, training_params, training_tags
 from tuning.progress import TrialEpochLines
+from tuning.tracking import TrialRuns
 from tuning.search import TRIAL_DRIVER_RESOURCES, max_concurrent_trials, open_tuner
 from tuning.trial import fit_trial, trial_config
 
@@ -86,19 +88,27 @@ class FoldEvents(tune.Callback):
 
 def run_folds(run: RunDir, base: TrainConfig, cv_dir: Path, folds: int, resume: bool = False,
               on_done: Callable[[int, float], None] | None = None, on_error: Callable[[int, str], None] | None = None,
-              max_concurrent: int | None = None, epoch_echo: Callable[[str], None] | None = None) -> list[FoldRun]:
+              max_concurrent: int | None = None, epoch_echo: Callable[[str], None] | None = None,
+              tracker: Tracker | None = None, parent_run: str | None = None) -> list[FoldRun]:
     """Train folds 1..``folds`` of the plan in ``<cv_dir>/folds.parquet`` as Tune trials on the
     connected Ray cluster; returns one ``FoldRun`` per fold (failed ones carry their error).
-    ``epoch_echo``: also one line per epoch of every fold (``cxr cv --verbose``)."""
+    ``epoch_echo``: also one line per epoch of every fold (``cxr cv --verbose``). ``tracker`` with
+    ``parent_run``: one MLflow run per fold nested under the cross-validation's."""
     cv_dir = Path(cv_dir).resolve()
     storage = cv_dir / "ray"
     storage.mkdir(parents=True, exist_ok=True)
     param_space = {"fold": tune.grid_search(list(range(1, folds + 1))), "base": base.to_dict(), "run_dir": str(run.root),
                    "train_storage": str(storage / "train"), "cv_dir": str(cv_dir)}
     tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent or max_concurrent_trials(base, ray.cluster_resources()))
+    callbacks: list = [FoldEvents(on_done, on_error)]
+    if epoch_echo:
+        callbacks.append(TrialEpochLines(base.epochs, lambda trial, index: f"fold {trial.config['fold']}", epoch_echo))
+    if tracker is not None and parent_run:
+        callbacks.append(TrialRuns(tracker, parent_run, training_tags(run, "cv-fold"),
+                                   params_of=lambda config: {**training_params(run, trial_config(config)), "fold": config["fold"]},
+                                   name_of=lambda trial: f"fold-{trial.config['fold']}"))
     tuner = open_tuner(storage / EXPERIMENT, tune.with_resources(run_fold, TRIAL_DRIVER_RESOURCES), param_space, resume,
-                       tune_config, callbacks=[FoldEvents(on_done, on_error)] + (
-                           [TrialEpochLines(base.epochs, lambda trial, index: f"fold {trial.config['fold']}", epoch_echo)] if epoch_echo else []),
+                       tune_config, callbacks=callbacks,
                        what="cross-validation",
                        remedy="run it without resume first")
     grid = tuner.fit()

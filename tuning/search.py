@@ -18,9 +18,11 @@ from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
 from trainers import TrainConfig
 from trainers.publish import publish_best
+from trainers.tracking import Tracker, clear_record, training_params, training_tags
 from tuning.progress import TrialEpochLines, TrialLines, trial_count
 from tuning.results import CHECKPOINT_KEY, METRIC, best_checkpoint_path, plot_curves, results_table, write_tables
-from tuning.trial import run_trial
+from tuning.trial import run_trial, trial_config
+from tuning.tracking import TrialRuns
 
 TRIAL_DRIVER_CPU = 0.0  # the trial function only waits on its TorchTrainer, whose workers reserve their own CPUs
 # Ray refuses an empty resource request, so the trial driver asks for a little memory instead of CPU.
@@ -99,9 +101,11 @@ def run_search(
     resume: bool = False,
     max_concurrent: int | None = None,
     epoch_echo: Callable[[str], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> SearchResult:
     """Search ``space`` (Tune param space over TrainConfig fields) on the connected Ray cluster.
-    ``epoch_echo``: also one line per epoch of every trial (``cxr tune --verbose``)."""
+    ``epoch_echo``: also one line per epoch of every trial (``cxr tune --verbose``). ``tracker``:
+    one MLflow parent run for the search with a nested run per trial (tuning/tracking.py)."""
     out = run.tune
     storage = (out / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,15 @@ def run_search(
     callbacks = [TrialLines(trial_count(space, num_samples), base.epochs)]
     if epoch_echo is not None:
         callbacks.append(TrialEpochLines(base.epochs, lambda trial, index: f"trial {index}", epoch_echo))
+    tracker = tracker or Tracker.off()
+    clear_record(out)
+    parent = tracker.start_run("tune", training_tags(run, "tune"))
+    tracker.log_params(parent, {**training_params(run, base), "search.space": repr(space), "search.num_samples": num_samples,
+                                "search.asha": asha, "search.grace_period": grace_period})
+    if parent:
+        callbacks.append(TrialRuns(tracker, parent, training_tags(run, "tune-trial"),
+                                   params_of=lambda config: training_params(run, trial_config(config)),
+                                   name_of=lambda trial: f"trial {trial.trial_id}"))
     tuner = open_tuner(storage / SEARCH_NAME, trainable, param_space, resume, tune_config, what="search",
                        remedy="run `cxr tune` without --resume first", callbacks=callbacks)
     if asha and not state_api_reachable():
@@ -135,12 +148,36 @@ def run_search(
             RuntimeWarning,
             stacklevel=2,
         )
-    grid = tuner.fit()
-    table = results_table(grid, base.epochs)
-    csv, markdown = write_tables(table, out)
-    curves = plot_curves(grid, out / "curves.png")
-    best_dir = _copy_best(grid, run.tune_best, run)
+    try:
+        grid = tuner.fit()
+        table = results_table(grid, base.epochs)
+        csv, markdown = write_tables(table, out)
+        curves = plot_curves(grid, out / "curves.png")
+        best_dir = _copy_best(grid, run.tune_best, run)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    _track_search(tracker, parent, run, table, [csv, markdown, curves], best_dir)
     return SearchResult(table, best_dir, csv, markdown, curves, int(table["epochs"].sum()) if len(table) else 0)
+
+
+def _track_search(tracker: Tracker, parent: str | None, run: RunDir, table: pd.DataFrame, files: list, best_dir: Path | None) -> None:
+    """The search's parent run: its result table and curves, the best trial's score and checkpoint
+    (registered with ``--register``), and ``tune/tracking.json``."""
+    if parent is None:
+        return
+    tracker.log_files(parent, [f for f in files if f is not None])
+    if len(table):
+        best = table.iloc[0]
+        tracker.log_metrics(parent, {"best_val_mean_auroc": best["best_val_mean_auroc"], "trials": len(table),
+                                     "trial_epochs": int(table["epochs"].sum())})
+        tracker.set_tags(parent, {"cxr.best_trial": best["trial"]})
+    registered = None
+    if best_dir is not None:
+        tracker.log_checkpoint(parent, best_dir)
+        registered = tracker.register(parent)
+    tracker.end_run(parent)
+    tracker.record(run.tune, parent, **({"registered": registered} if registered else {}))
 
 
 def _copy_best(grid, best_dir: Path, run: RunDir) -> Path | None:
