@@ -145,9 +145,25 @@ def phantom_cv_run(tmp_path_factory):
 def test_cv_end_to_end_scores_every_image_once_and_resumes(ray_local, phantom_cv_run, capsys):
     run = phantom_cv_run
     lines: list[str] = []
-    result = run_cv(run, TrainConfig(**BASE), 3, seed=0, n_boot=200, progress=lines.append, verbose=True)
+    from trainers.tracking import Tracker, local_store
+
+    tracker = Tracker.open(run.root, None, "cv-test")  # the embedded MLflow store in the run directory
+    result = run_cv(run, TrainConfig(**BASE), 3, seed=0, n_boot=200, progress=lines.append, verbose=True, tracker=tracker)
     out = run.cv
     assert sorted(result.trained) == [1, 2, 3] and result.resumed == []
+
+    # MLflow: one parent run for the cross-validation, one nested run per fold with its epochs and checkpoint.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(local_store(run.root)[0])
+    logged = client.search_runs([client.get_experiment_by_name("cv-test").experiment_id])
+    (parent,) = [r for r in logged if r.data.tags.get("cxr.stage") == "cv"]
+    folds = {r.data.params["fold"]: r for r in logged if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(folds) == ["1", "2", "3"] and all(r.info.run_name == f"fold-{k}" for k, r in folds.items())
+    for fold_run in folds.values():
+        assert [m.step for m in client.get_metric_history(fold_run.info.run_id, "val_mean_auroc")] == [1]
+        assert "best_checkpoint/model.pt" in {a.path for a in client.list_artifacts(fold_run.info.run_id, "best_checkpoint")}
+    assert parent.info.status == "FINISHED" and "mean_auroc" in parent.data.metrics
     fold_lines = [line for line in lines if "held-out mean AUROC" in line]
     assert len(fold_lines) == 3 and all("/3 done in" in line for line in fold_lines)  # one line per fold, as it finished
     epochs = TrainConfig(**BASE).epochs  # --verbose: and one per epoch of every fold
