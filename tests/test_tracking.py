@@ -230,3 +230,19 @@ def test_no_tracking_leaves_no_store(ray_local, phantom, tmp_path, monkeypatch):
     run = copy_run(phantom, tmp_path)
     assert main(["train", "--run", str(run), *TRAIN_ARGS, "--no-tracking"]) == 0
     assert not (run / "mlflow.db").exists() and not (run / "train" / "tracking.json").exists()
+
+
+def test_cxr_run_ends_with_the_ui_command_of_the_local_store(tmp_path, monkeypatch):
+    from cxr.demo import demo_config
+    from cxr.pipeline import _tracking_line
+    from pipelines.rundir import RunDir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = demo_config(str(tmp_path / "demo"))
+    run = RunDir(tmp_path / "demo").ensure()
+    assert config.tracking.enabled and _tracking_line(config, run) == []  # nothing logged yet
+    Tracker.open(run.root, None, "cxr")  # what the first tracked stage does
+    assert _tracking_line(config, run) == [f"MLflow runs: mlflow ui --backend-store-uri sqlite:///{run.root.resolve() / 'mlflow.db'} --port 5000"
+                                           "  (then open http://127.0.0.1:5000)"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert _tracking_line(config, run) == ["MLflow runs: experiment 'cxr' at http://mlflow.internal:5000"]
