@@ -10,7 +10,7 @@ from typing import Any
 
 from cxr.settings import (
     RAY_STAGES, CardSection, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
-    PredictSettings, PreprocessSection, RunSection, ScoreSettings, SplitSection, TuneSection, ValidateSection,
+    PredictSettings, PreprocessSection, RunSection, ScoreSettings, ServeApp, ServeSettings, SplitSection, TuneSection, ValidateSection,
 )
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
@@ -61,6 +61,8 @@ VERBS = (
     Verb("score", "Ray Data batch inference: score a folder, a manifest or a run's split with an actor pool; probabilities, calls, OOD flag",
          (("score", ScoreSettings, ()),), run="optional",
          run_help=" (score this run's --split with its checkpoint and its validation thresholds; instead of --images/--manifest)"),
+    Verb("serve", "Ray Serve: an HTTP endpoint for one image at a time (POST /predict), batched on the server; probabilities, calls, OOD flag, Grad-CAM",
+         (("serve", ServeApp, ()), ("http", ServeSettings, ())), run=""),
     Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", DemoSettings, ()),)),
 )
 
@@ -160,6 +162,8 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
         return stages.predict_stage(s["predict"])
     if name == "score":
         return stages.score_stage(run, s["score"])
+    if name == "serve":
+        return stages.serve_stage(s["serve"], s["http"])
     if name == "explain" and s["images"].images:
         return stages.explain_images_stage(s["images"], s["explain"])
     if run is None:
