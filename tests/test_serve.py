@@ -208,6 +208,7 @@ def nih_files(nih) -> list[Path]:
     return sorted((nih / "images").glob("*.png"))[:12]
 
 
+@pytest.mark.ray
 def test_it_listens_on_loopback_only_and_answers_health_and_model(server, checkpoint):
     import psutil
 
@@ -219,6 +220,8 @@ def test_it_listens_on_loopback_only_and_answers_health_and_model(server, checkp
     assert status == 200 and raw == (checkpoint / "model.json").read_bytes()
 
 
+@pytest.mark.ray
+@pytest.mark.realdata
 def test_probabilities_equal_cxr_predict_on_real_nih_pngs(server, checkpoint, nih_files):
     from evaluation.predict import predict_images
 
@@ -242,6 +245,8 @@ def test_probabilities_equal_cxr_predict_on_real_nih_pngs(server, checkpoint, ni
         assert answer["timing"]["batch_size"] >= 1 and answer["timing"]["server_ms"] > 0
 
 
+@pytest.mark.ray
+@pytest.mark.realdata
 def test_jpeg_and_dicom_bodies_are_known_by_content(server, checkpoint, nih_files, tmp_path):
     from evaluation.predict import predict_images
 
@@ -258,16 +263,20 @@ def test_jpeg_and_dicom_bodies_are_known_by_content(server, checkpoint, nih_file
         np.testing.assert_allclose(got, expected.loc[row, [f"prob_{f}" for f in FINDINGS]].to_numpy(float), atol=1e-5, rtol=0)
 
 
-def test_gradcam_comes_back_as_a_png(server, nih_files):
-    status, answer = predict(server, nih_files[0].read_bytes(), "?gradcam=effusion")
+@pytest.mark.ray
+def test_gradcam_comes_back_as_a_png(server):
+    image = png_bytes(chest_like(256, seed=3))
+    status, answer = predict(server, image, "?gradcam=effusion")
     assert status == 200, answer
     cam = answer["gradcam"]
     assert cam["finding"] == "Effusion" and cam["probability"] == answer["probabilities"]["Effusion"]
     image = Image.open(io.BytesIO(base64.b64decode(cam["png_base64"])))
     assert image.format == "PNG" and image.width > 256 and image.height > 256
-    assert "gradcam" not in predict(server, nih_files[0].read_bytes())[1]
+    assert "gradcam" not in predict(server, image)[1]
 
 
+@pytest.mark.ray
+@pytest.mark.realdata
 def test_concurrent_requests_are_batched_and_scored_alike(server, nih_files):
     single = {p: predict(server, p.read_bytes())[1]["probabilities"] for p in nih_files[:8]}
     with ThreadPoolExecutor(8) as pool:
@@ -289,8 +298,9 @@ def _raw_post(server: Server, headers: dict[str, str], body=None, chunked: bool 
         connection.close()
 
 
-def test_bad_inputs_get_4xx_json_naming_the_reason_and_the_server_keeps_answering(server, nih_files):
-    good = nih_files[0].read_bytes()
+@pytest.mark.ray
+def test_bad_inputs_get_4xx_json_naming_the_reason_and_the_server_keeps_answering(server):
+    good = png_bytes(chest_like(256, seed=4))
     cases = [
         ("empty body", b"", "", 400, "empty_body"),
         ("text", b"this is a text file, not an image\n", "", 415, "unsupported_media_type"),
@@ -316,6 +326,7 @@ def test_bad_inputs_get_4xx_json_naming_the_reason_and_the_server_keeps_answerin
     assert predict(server, good)[0] == 200
 
 
+@pytest.mark.ray
 def test_ctrl_c_stops_serve_cleanly_with_a_summary(server):
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=180) == 0, server.text()
