@@ -6,7 +6,8 @@ Everything that does not need HTTP (decoding a body, the refusal reasons, scorin
 ``evaluation/serving.py``.
 
 Batching: requests that arrive together are scored in one forward pass (``@serve.batch``: up to
-``max_batch_size``, waiting at most ``batch_wait_ms`` for more), so throughput rises with
+``max_batch_size``; a batch waits ``batch_wait_ms`` for more while the model is idle, and until the
+running pass should end while it is busy: ``evaluation.serving.batch_window_s``), so throughput rises with
 concurrency. Every model call (a batch, a Grad-CAM) runs on one thread per replica, one at a time:
 the event loop keeps reading and decoding the next requests meanwhile, and torch never runs two
 passes at once on the replica's CPUs. With batching off each request is one forward pass of its own.
@@ -32,7 +33,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from evaluation.serving import Predictor, RequestError, ServeApp, app_settings, check_size, find_finding
+from evaluation.serving import Predictor, RequestError, ServeApp, app_settings, batch_window_s, check_size, find_finding
 
 APP_NAME = "cxr"
 logger = logging.getLogger("ray.serve")  # a replica's log file under Ray's session logs
@@ -97,6 +98,8 @@ class CxrModel:
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model")
         self.score_batch.set_max_batch_size(self.settings.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        self.pass_started: float | None = None  # perf_counter() when the running forward pass began
+        self.last_pass_s = 0.0  # how long the last one took
         self.counts: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
@@ -110,7 +113,12 @@ class CxrModel:
 
     async def _run_model(self, images: list[np.ndarray]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Score ``images`` in one forward pass on the model thread; per image its row and timing."""
-        rows, model_ms = await asyncio.get_running_loop().run_in_executor(self.model_thread, self._timed_score, images)
+        self.pass_started = time.perf_counter()
+        try:
+            rows, model_ms = await asyncio.get_running_loop().run_in_executor(self.model_thread, self._timed_score, images)
+        finally:
+            self.pass_started = None
+        self.last_pass_s = model_ms / 1000
         self.batch_sizes[len(images)] += 1
         timing = {"batch_size": len(images), "model_ms": round(model_ms, 2)}
         return [(row, timing) for row in rows]
@@ -121,6 +129,9 @@ class CxrModel:
 
     async def _score(self, pixels: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.settings.batching:
+            # Read by the batcher when this request is the first of a new batch; ignored otherwise.
+            window = batch_window_s(self.settings.batch_wait_ms / 1000, self.pass_started, self.last_pass_s, time.perf_counter())
+            self.score_batch.set_batch_wait_timeout_s(window)
             return await self.score_batch(pixels)
         (one,) = await self._run_model([pixels])
         return one

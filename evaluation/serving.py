@@ -95,6 +95,21 @@ def app_settings(args: dict[str, Any]) -> ServeApp:
     return ServeApp(**args)
 
 
+def batch_window_s(wait_s: float, pass_started: float | None, last_pass_s: float, now: float) -> float:
+    """How long a batch that starts ``now`` may wait for company: ``wait_s`` while the model is idle
+    (``pass_started`` None); while a pass runs, until that pass should end (it started at
+    ``pass_started`` and should take as long as the last one), and never less than ``wait_s``.
+
+    ``@serve.batch`` closes a batch when its window ends, whether or not the model is free, and
+    queues it. With a fixed window shorter than a forward pass the batches under load are only as
+    large as the arrivals in one window (measured: 1.2 requests on average with 8 clients and 10 ms)
+    and wait one behind the other. Waiting while the model is busy costs no latency: the batch could
+    not start sooner."""
+    if pass_started is None:
+        return wait_s
+    return max(wait_s, pass_started + last_pass_s - now)
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status``, a machine-readable ``reason`` and a message
     that says what was wrong and what to send instead."""

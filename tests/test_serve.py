@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.serving import STATUS, RequestError, ServeApp, app_settings, check_size, decode_upload, find_finding
+from evaluation.serving import STATUS, RequestError, ServeApp, app_settings, batch_window_s, check_size, decode_upload, find_finding
 from pipelines.errors import UserInputError
 from pipelines.labels import FINDINGS
 from tests.helpers import chest_like, dicom_bytes
@@ -108,6 +108,12 @@ def test_body_limit_finding_names_and_app_args():
     with pytest.raises(UserInputError, match="max_batch_size"):
         ServeApp(checkpoint="ckpt", max_batch_size=0)
     assert ServeApp(checkpoint="ckpt", max_batch_size=16).max_ongoing_requests == 32  # a batch forms while one is scored
+
+
+def test_a_batch_waits_for_company_while_the_model_is_busy_and_briefly_while_it_is_idle():
+    assert batch_window_s(0.01, None, 0.5, now=100.0) == 0.01  # idle: the configured wait
+    assert batch_window_s(0.01, 99.8, 0.5, now=100.0) == pytest.approx(0.3)  # busy: until the running pass should end
+    assert batch_window_s(0.01, 99.0, 0.5, now=100.0) == 0.01  # overdue pass: no less than the configured wait
 
 
 def test_the_verb_refuses_a_busy_port_and_a_missing_checkpoint(tmp_path, capsys):
@@ -270,8 +276,8 @@ def test_gradcam_comes_back_as_a_png(server):
     assert status == 200, answer
     cam = answer["gradcam"]
     assert cam["finding"] == "Effusion" and cam["probability"] == answer["probabilities"]["Effusion"]
-    image = Image.open(io.BytesIO(base64.b64decode(cam["png_base64"])))
-    assert image.format == "PNG" and image.width > 256 and image.height > 256
+    overlay = Image.open(io.BytesIO(base64.b64decode(cam["png_base64"])))
+    assert overlay.format == "PNG" and overlay.width > 256 and overlay.height > 256
     assert "gradcam" not in predict(server, image)[1]
 
 
