@@ -147,6 +147,12 @@ def dispatch(args: argparse.Namespace) -> str:
             from trainers.weights import check_available
 
             check_available(settings["train"].weights, settings["train"].backbone, settings["train"].weights_dir)
+        if verb.name == "serve":  # a wrong checkpoint or a busy port fail now, before Ray starts
+            from cxr.stages import check_serve
+
+            import os
+
+            check_serve(settings["serve"], settings["http"], port=not (getattr(args, "run.address") or os.environ.get("RAY_ADDRESS")))
 
         with ray_session(getattr(args, "run.address")):
             return run_verb(verb.name, run, settings)

@@ -630,6 +630,18 @@ def _stop_serving(app_name: str) -> None:
         serve.shutdown()
 
 
+def check_serve(app: ServeApp, http: ServeSettings, port: bool = True) -> dict:
+    """What ``cxr serve`` can check before Ray starts: the checkpoint's ``model.json``, and with
+    ``port`` (an embedded Ray, whose proxy will listen on this machine) that the port is free. On a
+    cluster the proxy may be Serve's own, already listening there."""
+    from trainers.checkpoint import read_info
+
+    info = read_info(Path(app.checkpoint))
+    if port:
+        _check_port(http.host, http.port)
+    return info
+
+
 def serve_stage(app: ServeApp, http: ServeSettings) -> str:
     """``cxr serve``: the checkpoint as a Ray Serve application on the connected Ray; prints where it
     listens and how to call it, serves until Ctrl-C (or SIGTERM), then shuts Serve down and returns
@@ -640,13 +652,12 @@ def serve_stage(app: ServeApp, http: ServeSettings) -> str:
 
     from ray import serve
 
+    from cxr.runtime import embedded_ray
     from evaluation.serve import APP_NAME, build_app
-    from trainers.checkpoint import read_info
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's own lines go to Ray's log files, as other verbs' do
-    application = build_app(app)  # checks the checkpoint before anything starts
-    info = read_info(Path(app.checkpoint))
-    _check_port(http.host, http.port)
+    info = check_serve(app, http, port=embedded_ray())
+    application = build_app(app)
     url = _url(http.host, http.port)
     batching = (f"batching up to {app.max_batch_size} requests, waiting up to {app.batch_wait_ms:g} ms" if app.batching
                 else "no batching (each request scored alone)")
@@ -661,7 +672,7 @@ def serve_stage(app: ServeApp, http: ServeSettings) -> str:
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stats = None
+    stats, handle = None, None
     try:
         handle = serve.run(application, name=APP_NAME, route_prefix="/")
         exposed = "" if http.host in ("127.0.0.1", "localhost", "::1") else \
@@ -683,9 +694,9 @@ def serve_stage(app: ServeApp, http: ServeSettings) -> str:
                 state = now_state
     except KeyboardInterrupt:
         interrupted = True
-        if app.replicas == 1:
+        if app.replicas == 1 and handle is not None:
             try:
-                stats = serve.get_app_handle(APP_NAME).stats.remote().result(timeout_s=10)
+                stats = handle.stats.remote().result(timeout_s=10)
             except Exception:  # the summary goes on without counts
                 stats = None
     finally:

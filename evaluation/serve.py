@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from evaluation.serving import Predictor, RequestError, ServeApp, app_settings, batch_window_s, check_size, find_finding
 
@@ -57,6 +58,14 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     return _error("bad_request", f"{request.method} {request.url.path}: {err.errors()}", 400)
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, err: Exception) -> JSONResponse:
+    """A bug in the server (never bad input: that is a RequestError): JSON like every other answer;
+    the traceback goes to the replica's log."""
+    logger.exception("cxr serve: %s %s failed", request.method, request.url.path)
+    return _error("internal_error", f"internal error ({type(err).__name__}); the replica's log has the traceback", 500)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -155,6 +164,9 @@ class CxrModel:
         except RequestError as err:
             self.counts[err.reason] += 1
             return _error(err.reason, err.message, err.status)
+        except ClientDisconnect:  # the client left while sending the body: nobody reads an answer
+            self.counts["client_disconnected"] += 1
+            return _error("client_disconnected", "the client closed the connection before the body was complete", 400)
         self.counts["answered"] += 1
         timing = {**timing, "decode_ms": round(decode_ms, 2), "server_ms": round((time.perf_counter() - started) * 1000, 2)}
         return JSONResponse(self.predictor.answer(scored, upload, timing, cam))

@@ -30,6 +30,7 @@ STATUS = {
     "empty_body": 400,
     "unknown_finding": 400,
     "bad_request": 400,
+    "client_disconnected": 400,
     "not_found": 404,
     "method_not_allowed": 405,
     "body_too_large": 413,
