@@ -10,7 +10,8 @@ from typing import Any
 
 from cxr.settings import (
     RAY_STAGES, CardSection, CvSection, DataSection, DemoSettings, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet,
-    PredictSettings, PreprocessSection, RunSection, ScoreSettings, SplitSection, TrackingSection, TuneSection, ValidateSection,
+    PredictSettings, PreprocessSection, RunSection, ScoreSettings, ServeApp, ServeSettings, SplitSection, TrackingSection, TuneSection,
+    ValidateSection,
 )
 from pipelines.errors import UserInputError
 from pipelines.rundir import RunDir
@@ -63,6 +64,8 @@ VERBS = (
     Verb("score", "Ray Data batch inference: score a folder, a manifest or a run's split with an actor pool; probabilities, calls, OOD flag",
          (("score", ScoreSettings, ()),), run="optional",
          run_help=" (score this run's --split with its checkpoint and its validation thresholds; instead of --images/--manifest)"),
+    Verb("serve", "Ray Serve: an HTTP endpoint for one image at a time (POST /predict), batched on the server; probabilities, calls, OOD flag, Grad-CAM",
+         (("serve", ServeApp, ()), ("http", ServeSettings, ())), run=""),
     Verb("demo", "make a synthetic collection and run every stage on it, locally", (("demo", DemoSettings, ()),)),
 )
 
@@ -147,6 +150,12 @@ def dispatch(args: argparse.Namespace) -> str:
             from trainers.weights import check_available
 
             check_available(settings["train"].weights, settings["train"].backbone, settings["train"].weights_dir)
+        if verb.name == "serve":  # a wrong checkpoint or a busy port fail now, before Ray starts
+            from cxr.stages import check_serve
+
+            import os
+
+            check_serve(settings["serve"], settings["http"], port=not (getattr(args, "run.address") or os.environ.get("RAY_ADDRESS")))
 
         with ray_session(getattr(args, "run.address")):
             return run_verb(verb.name, run, settings)
@@ -162,6 +171,8 @@ def run_verb(name: str, run: RunDir | None, s: dict[str, Any]) -> str:
         return stages.predict_stage(s["predict"])
     if name == "score":
         return stages.score_stage(run, s["score"])
+    if name == "serve":
+        return stages.serve_stage(s["serve"], s["http"])
     if name == "explain" and s["images"].images:
         return stages.explain_images_stage(s["images"], s["explain"])
     if run is None:

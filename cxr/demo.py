@@ -39,4 +39,16 @@ def demo_config(run_dir: str, demo: DemoSettings | None = None) -> Config:
 def run_demo(run: RunDir, demo: DemoSettings | None = None, force: bool = True) -> str:
     from cxr.pipeline import run_pipeline
 
-    return run_pipeline(demo_config(str(run.root), demo), force=force)
+    summary = run_pipeline(demo_config(str(run.root), demo), force=force)
+    return "\n".join(filter(None, [summary, serve_hint(run)]))
+
+
+def serve_hint(run: RunDir) -> str:
+    """The command that serves the demo's model over HTTP (``cxr serve``), or nothing without one."""
+    checkpoint = run.find_best_checkpoint()
+    if checkpoint is None:
+        return ""
+    images = run.root / "phantoms" / "images"
+    example = min(images.glob("*.png"), default=images / "IMAGE.png")
+    return (f"serve the model: cxr serve {checkpoint}\n"
+            f"  then, from another terminal: curl --data-binary @{example} http://127.0.0.1:8000/predict")

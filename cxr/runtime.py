@@ -23,6 +23,15 @@ LOOPBACK = "127.0.0.1"
 # macOS/Windows (node address = loopback) is this variable, read when Ray is imported; the module
 # attribute it sets is flipped too, for a process that imported Ray before this call.
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_embedded = False  # whether the Ray this process is connected to is one it started (init_local_ray)
+
+
+def embedded_ray() -> bool:
+    """True when this process started the Ray it is connected to: everything on it ends with
+    ``ray.shutdown()``. False on a cluster it joined, whose services outlive the command."""
+    import ray
+
+    return _embedded and ray.is_initialized()
 
 
 @contextlib.contextmanager
@@ -62,6 +71,8 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _embedded
+    _embedded = True
     with _loopback_node():
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                  logging_level=logging.WARNING, log_to_driver=False)
@@ -79,6 +90,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        global _embedded
+        _embedded = False
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         init_local_ray(num_cpus)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxr.runtime import LOOPBACK
+from evaluation.serving import ServeApp
 from pipelines.external import check_name
 from pipelines.imaging import MAX_IMAGE_SIZE
 from pipelines.errors import UserInputError
@@ -20,7 +22,7 @@ from trainers.config import FREEZE_CHOICES, LOSS_CHOICES, SAMPLING_CHOICES, SEAR
 
 SOURCES = ("nih", "chexpert", "manifest", "phantoms")
 # The stages that start (or join) Ray, under `cxr run` and as single verbs alike (--address).
-RAY_STAGES = frozenset({"preprocess", "train", "tune", "cv", "evaluate", "external", "explain", "score"})
+RAY_STAGES = frozenset({"preprocess", "train", "tune", "cv", "evaluate", "external", "explain", "score", "serve"})
 LABEL_SOURCES = SOURCES[:3]  # the formats of a label file; phantoms make their own collection
 _SUBGROUPS_HELP = "manifest columns to break results down by (at most 20 values each; default: every one of sex, age_band, view, cohort present)"
 _CHECKPOINT_HELP = "checkpoint directory (default: <run>/tune/best, else <run>/train/best)"
@@ -324,6 +326,21 @@ class ScoreSettings(Settings):
         require(self.images is None or self.manifest is None, "{images} and {manifest} exclude each other: name one input")
         require(self.batch_size >= 1 and self.actors >= 1, f"{{batch_size}} and {{actors}} must be >= 1, got {self.batch_size} and {self.actors}")
         require(self.gpus_per_actor >= 0, f"{{gpus_per_actor}} must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass
+class ServeSettings(Settings):
+    """``cxr serve``: where Serve's HTTP proxy listens. The application's own settings (model,
+    replicas, batching, body limit) are ``ServeApp`` (``evaluation/serving.py``): a Serve config
+    file's ``args`` name the same fields."""
+
+    host: str = option(LOOPBACK, "address the HTTP proxy listens on; 0.0.0.0 listens on every interface (the server has no "
+                                 "authentication: put a TLS-terminating proxy with authentication in front, see README)")
+    port: int = option(8000, "HTTP port", metavar="PORT")
+
+    def check(self) -> None:
+        require(bool(self.host.strip()), "{host} must not be empty")
+        require(1 <= self.port <= 65535, f"{{port}} must be between 1 and 65535, got {self.port}")
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.settings import (
-    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, ScoreSettings, SplitSection,
-    TrackingSection, TuneSection, ValidateSection,
+    CardSection, CvSection, DataSection, EdaSection, EvaluateSection, ExplainImages, ExplainSection, ExternalSet, PredictSettings, PreprocessSection, ScoreSettings, ServeApp,
+    ServeSettings, SplitSection, TrackingSection, TuneSection, ValidateSection,
 )
 from pipelines.atomic import staged_dir, write_json, write_text
 from pipelines.labels import FINDINGS
@@ -661,6 +661,131 @@ def score_stage(run: RunDir | None, settings: ScoreSettings) -> str:
     lines.append(f"  calls: pred_<finding> at the {thresholds.rule} thresholds chosen on validation ({thresholds.source}), see {THRESHOLDS}"
                  if thresholds else "  calls: none (no evaluation of this checkpoint: probabilities only; `cxr evaluate` chooses thresholds)")
     lines.append(f"wrote {result.out}: {SCORES}/, {QUARANTINE}, {SUMMARY}" + (f", {THRESHOLDS}" if thresholds else ""))
+    return "\n".join(lines)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on, before Serve's proxy fails to bind it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserInputError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserInputError(f"cannot listen on {host}:{port} ({err.strerror}): another server uses it; choose another with --port") from None
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def _stop_serving(app_name: str) -> None:
+    """Delete the application (its replicas finish what they hold). On the embedded Ray, Serve's
+    controller and proxy end with Ray itself (``serve.shutdown()`` there only adds Ray's warnings
+    about the controller's own shutdown task); on a cluster Serve is shut down when no other
+    application is left on it."""
+    from ray import serve
+
+    from cxr.runtime import embedded_ray
+
+    serve.delete(app_name)
+    if not embedded_ray() and not serve.status().applications:
+        serve.shutdown()
+
+
+def check_serve(app: ServeApp, http: ServeSettings, port: bool = True) -> dict:
+    """What ``cxr serve`` can check before Ray starts: the checkpoint's ``model.json``, and with
+    ``port`` (an embedded Ray, whose proxy will listen on this machine) that the port is free. On a
+    cluster the proxy may be Serve's own, already listening there."""
+    from trainers.checkpoint import read_info
+
+    info = read_info(Path(app.checkpoint))
+    if port:
+        _check_port(http.host, http.port)
+    return info
+
+
+def serve_stage(app: ServeApp, http: ServeSettings) -> str:
+    """``cxr serve``: the checkpoint as a Ray Serve application on the connected Ray; prints where it
+    listens and how to call it, serves until Ctrl-C (or SIGTERM), then shuts Serve down and returns
+    what it served."""
+    import logging
+    import signal
+    import time
+
+    from ray import serve
+
+    from cxr.runtime import embedded_ray
+    from evaluation.serve import APP_NAME, build_app
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's own lines go to Ray's log files, as other verbs' do
+    info = check_serve(app, http, port=embedded_ray())
+    application = build_app(app)
+    url = _url(http.host, http.port)
+    batching = (f"batching up to {app.max_batch_size} requests, waiting up to {app.batch_wait_ms:g} ms" if app.batching
+                else "no batching (each request scored alone)")
+    print(f"serve: {info['backbone']} at {info['image_size']} px from {app.checkpoint}; {app.replicas} replica(s) x "
+          f"{app.cpus_per_replica:g} CPU" + (f" + {app.gpus_per_replica:g} GPU" if app.gpus_per_replica else "")
+          + f"; {batching}; bodies up to {app.max_bytes:,} bytes; starting ...", flush=True)
+    serve.start(http_options={"host": http.host, "port": http.port})
+    started = time.monotonic()
+    interrupted = False
+
+    def _stop(signum, frame):  # SIGTERM (a supervisor, `kill`) stops as Ctrl-C does; SIGINT too where a shell ignored it
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stats, handle = None, None
+    try:
+        handle = serve.run(application, name=APP_NAME, route_prefix="/")
+        exposed = "" if http.host in ("127.0.0.1", "localhost", "::1") else \
+            f" (listening on {http.host}: it has no authentication, put a TLS proxy with auth in front)"
+        finding = "Effusion" if "Effusion" in info["findings"] else info["findings"][0]
+        print("\n".join([
+            f"serve: ready in {time.monotonic() - started:.1f}s at {url}{exposed}",
+            f"  curl --data-binary @IMAGE.png {url}/predict",
+            f"  curl --data-binary @IMAGE.png '{url}/predict?gradcam={finding}'   # + Grad-CAM overlay (base64 PNG)",
+            f"  curl {url}/healthz ; curl {url}/model",
+            "serve: Ctrl-C to stop"]), flush=True)
+        state = "RUNNING"
+        while True:
+            time.sleep(2)
+            now = serve.status().applications.get(APP_NAME)
+            now_state = str(getattr(now, "status", "MISSING")).rsplit(".", 1)[-1]
+            if now_state != state:
+                print(f"serve: application {APP_NAME} is {now_state}" + (f": {now.message}" if getattr(now, "message", "") else ""), flush=True)
+                state = now_state
+    except KeyboardInterrupt:
+        interrupted = True
+        if app.replicas == 1 and handle is not None:
+            try:
+                stats = handle.stats.remote().result(timeout_s=10)
+            except Exception:  # the summary goes on without counts
+                stats = None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("serve: shutting down ...", flush=True)
+        _stop_serving(APP_NAME)
+    lines = [f"serve: stopped after {time.monotonic() - started:.0f}s at {url}" + ("" if interrupted else " (unexpectedly)")]
+    if stats:
+        counts, sizes = stats["counts"], stats["batch_sizes"]
+        refused = {k: v for k, v in counts.items() if k not in ("requests", "answered")}
+        lines.append(f"  {counts.get('requests', 0)} request(s) to /predict: {counts.get('answered', 0)} answered, {sum(refused.values())} refused"
+                     + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refused.items()))})" if refused else ""))
+        if sizes:
+            batches = sum(sizes.values())
+            images = sum(int(k) * v for k, v in sizes.items())
+            lines.append(f"  {batches} forward pass(es), mean batch {number(images / batches, 2)}, largest {max(map(int, sizes))}")
+    elif app.replicas > 1:
+        lines.append(f"  request counts: in each replica's log ({app.replicas} replicas)")
     return "\n".join(lines)
 
 

@@ -72,6 +72,14 @@ def _overlay(image: np.ndarray, panel: Panel, scale: float) -> Image.Image:
 
 def render(image: np.ndarray, panels: list[Panel], title: str, path: Path) -> Path:
     """Write the original and one overlay per panel, each under its caption, ``COLUMNS`` a row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compose(image, panels, title).save(path)
+    return path
+
+
+def compose(image: np.ndarray, panels: list[Panel], title: str) -> Image.Image:
+    """The picture ``render`` writes, in memory (a server sends it as PNG bytes)."""
     scale = PANEL / image.shape[-1]
     tiles = [("image", "as the model sees it", Image.fromarray((_gray(image) * 255).astype(np.uint8)))]
     tiles += [(p.finding.replace("_", " "), p.caption, _overlay(image, p, scale)) for p in panels]
@@ -87,7 +95,4 @@ def render(image: np.ndarray, panels: list[Panel], title: str, path: Path) -> Pa
         draw.text((x, y), name, fill=INK, font=_font(15))
         draw.text((x, y + 19), caption, fill=MUTED, font=_font(12))
         canvas.paste(tile, (x, y + caption_h))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas

@@ -17,7 +17,7 @@ def decode_all(paths: list[Path], image_size: int) -> list[Decoded]:
         try:
             decoded.append(decode_file(Path(path), image_size))
         except DecodeError as err:
-            raise DecodeError(f"{path}: {err}") from None
+            raise DecodeError(f"{path}: {err}", err.kind) from None
     return decoded
 
 

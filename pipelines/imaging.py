@@ -21,7 +21,36 @@ MAX_IMAGE_SIZE = 4096
 
 
 class DecodeError(CxrError, ValueError):
-    """An image file that cannot be turned into pixels; the message says why."""
+    """An image file that cannot be turned into pixels; the message says why, ``kind`` says which
+    way it failed (one of ``DECODE_FAILURES``), for callers that answer each differently (a server's
+    status codes)."""
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep the kind across processes (a Ray task's error)
+        return type(self), (str(self), self.kind)
+
+
+# How decoding can fail: DecodeError.kind.
+DECODE_FAILURES = ("empty", "unrecognized", "truncated", "corrupt", "too_large", "no_pixels", "unreadable")
+# Leading bytes of the formats every stage accepts by content, whatever the file is called.
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+DICOM_PREAMBLE, DICOM_MAGIC = 128, b"DICM"  # a DICOM Part 10 file: 128-byte preamble, then "DICM"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from a file's leading bytes, else None. DICOM is known by
+    the ``DICM`` marker after the 128-byte preamble of a Part 10 file (a file without it, DICOM's old
+    bare format, is read as DICOM only when its name ends in .dcm/.dicom)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data[DICOM_PREAMBLE:DICOM_PREAMBLE + len(DICOM_MAGIC)] == DICOM_MAGIC:
+        return "dicom"
+    return None
 
 
 def pixel_limit() -> int | None:
@@ -88,18 +117,22 @@ def _check_dicom_size(ds) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
     except AttributeError:
-        raise DecodeError("DICOM header has no Rows/Columns: no image in the file") from None
+        raise DecodeError("DICOM header has no Rows/Columns: no image in the file", "no_pixels") from None
     except (TypeError, ValueError) as err:
         raise DecodeError(f"DICOM header has an unreadable image size: {err}") from None
     if min(rows, columns, frames, samples) < 1:
-        raise DecodeError(f"DICOM header declares an empty image ({rows}x{columns}, {frames} frame(s), {samples} sample(s) per pixel)")
+        raise DecodeError(f"DICOM header declares an empty image ({rows}x{columns}, {frames} frame(s), {samples} sample(s) per pixel)",
+                          "no_pixels")
     total = rows * columns * frames * samples
     limit = pixel_limit()
     if limit is not None and total > limit:
         raise DecodeError(
             f"DICOM declares {rows}x{columns} pixels x {frames} frame(s) x {samples} sample(s) = {total} samples, over the "
-            f"decompression-bomb limit of {limit} (twice PIL.Image.MAX_IMAGE_PIXELS): refused before decoding"
+            f"decompression-bomb limit of {limit} (twice PIL.Image.MAX_IMAGE_PIXELS): refused before decoding", "too_large"
         )
+
+
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
@@ -108,6 +141,9 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, str]:
 
     ds = pydicom.dcmread(io.BytesIO(data))  # reads the header and keeps the pixel bytes undecoded
     _check_dicom_size(ds)
+    if not any(tag in ds for tag in PIXEL_TAGS):
+        raise DecodeError("DICOM has no pixel data (no PixelData element): a header-only object, e.g. a report or a "
+                          "presentation state, not an image", "no_pixels")
     pixels = apply_voi_lut(ds.pixel_array, ds)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         pixels = pixels.max() - pixels  # MONOCHROME1 stores bone dark: invert to the usual look
@@ -118,14 +154,16 @@ def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
     """Decode ``data`` and resize to ``image_size`` square (bilinear, antialiased on downscale).
 
     Raises DecodeError with a reason for empty, truncated or non-image data, and for images larger
-    than the pixel limit (``pixel_limit``: PIL's decompression-bomb setting, for DICOM too).
+    than the pixel limit (``pixel_limit``: PIL's decompression-bomb setting, for DICOM too). DICOM is
+    recognized by its name (.dcm, .dicom) or by its content (``sniff_format``); anything else goes
+    to PIL, which recognizes formats by content.
     """
     if not isinstance(image_size, (int, np.integer)) or not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise UserInputError(f"image size must be an integer between 1 and {MAX_IMAGE_SIZE}, got {image_size!r}")
     if not data:
-        raise DecodeError("empty file (0 bytes)")
+        raise DecodeError("empty file (0 bytes)", "empty")
     try:
-        if name.lower().endswith(DICOM_SUFFIXES):
+        if name.lower().endswith(DICOM_SUFFIXES) or sniff_format(data) == "dicom":
             array, mode = _read_dicom(data)
             image = Image.fromarray(array)
         else:
@@ -136,16 +174,16 @@ def decode_bytes(data: bytes, image_size: int, name: str = "") -> Decoded:
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        raise DecodeError("not a recognized image format") from None
+        raise DecodeError("not a recognized image format", "unrecognized") from None
     except Image.DecompressionBombError as err:
-        raise DecodeError(f"image too large: {err}") from None
+        raise DecodeError(f"image too large: {err}", "too_large") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt chunks this way
-        raise DecodeError(f"corrupt image data: {err}") from None
+        raise DecodeError(f"corrupt image data: {err}", "truncated" if "truncated" in str(err).lower() else "corrupt") from None
     except Exception as err:  # pydicom raises its own types for broken files
         raise DecodeError(f"corrupt image data: {type(err).__name__}: {err}") from None
     width, height = image.size
     if width == 0 or height == 0:
-        raise DecodeError("image has zero width or height")
+        raise DecodeError("image has zero width or height", "no_pixels")
     resized = image.resize((image_size, image_size), Image.BILINEAR, reducing_gap=3.0)
     return Decoded(np.asarray(resized, dtype=np.uint8), width, height, mode)
 
@@ -155,5 +193,5 @@ def decode_file(path: Path, image_size: int) -> Decoded:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+        raise DecodeError(f"cannot read file: {err.strerror or err}", "unreadable") from None
     return decode_bytes(data, image_size, path.name)

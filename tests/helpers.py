@@ -43,3 +43,37 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     (folder / "00000901_000.png").write_bytes(b"")  # zero bytes
     (folder / "00000902_000.png").write_text("this is not an image\n")  # text named .png
     return {"00000900_000.png": "corrupt image data", "00000901_000.png": "empty file", "00000902_000.png": "not a recognized image format"}
+
+
+def dicom_bytes(rows: int, columns: int, pixel_bytes: bytes | None, frames: int | None = None, rle: bool = False,
+                bits: tuple[int, int] = (16, 12)) -> bytes:
+    """A DICOM file as pydicom writes it (with the 128-byte preamble and ``DICM``): a real header
+    declaring ``rows`` x ``columns`` (x frames) pixels of ``bits`` (allocated, stored), with whatever
+    pixel data is given (a bomb declares far more than it holds; None: no pixel data at all).
+    ``rle``: the pixel data is one RLE Lossless frame (encapsulated), as scanners compress."""
+    import pydicom  # the tests that use it need pydicom, as DICOM collections do
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = RLELossless if rle else ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = rows, columns
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    allocated, stored = bits
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, allocated, stored, stored - 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if pixel_bytes is not None and rle:
+        ds.PixelData = encapsulate([pixel_bytes])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    elif pixel_bytes is not None:
+        ds.PixelData = pixel_bytes
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

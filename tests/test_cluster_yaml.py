@@ -1,5 +1,6 @@
 """The cluster definitions, checked offline (``ray up --dry-run`` needs a cloud account): the Ray
-cluster launcher's ``cluster.yaml`` and KubeRay's ``deploy/rayjob.yaml``. What matters: a CPU head,
+cluster launcher's ``cluster.yaml``, KubeRay's ``deploy/rayjob.yaml`` and ``deploy/rayservice.yaml``,
+and the Serve config file ``deploy/serve_config.yaml``. What matters: a CPU head,
 GPU workers with sane autoscaling bounds, the project installed on every node, the dashboard / job
 port never exposed to the network, and no credentials in either file."""
 from __future__ import annotations
@@ -150,3 +151,100 @@ def test_the_docs_page_says_how_to_reach_the_dashboard():
     page = (REPO / "docs" / "cluster.md").read_text()
     for needle in ("ray dashboard cluster.yaml", "kubectl port-forward", "cxr submit", "cxr jobs", "report.html", "results.md"):
         assert needle in page, needle
+
+
+# --------------------------------------------------------------------------- Serve: deploy/serve_config.yaml, deploy/rayservice.yaml
+
+
+@pytest.fixture(scope="module")
+def serve_configs() -> dict[str, tuple[str, dict]]:
+    """Both Serve configs as Ray Serve itself reads them (``ServeDeploySchema``): the file for
+    ``serve deploy`` and the RayService's ``serveConfigV2``; plus the RayService manifest."""
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (REPO / "deploy" / "serve_config.yaml").read_text()
+    service_text = (REPO / "deploy" / "rayservice.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(service_text) if d]
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    configs = {"serve_config.yaml": yaml.safe_load(text), "rayservice.yaml": yaml.safe_load(service["spec"]["serveConfigV2"])}
+    for config in configs.values():
+        ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay submit; raises on an unknown key
+    return {"serve_config.yaml": (text, configs["serve_config.yaml"]), "rayservice.yaml": (service_text, configs["rayservice.yaml"]),
+            "manifest": (service_text, service)}
+
+
+def test_serve_configs_name_the_builder_with_its_own_args(serve_configs):
+    """The import path resolves to ``app_builder``, whose one parameter takes ``ServeApp``'s fields:
+    every arg is one, the checkpoint is given, and the builder makes a Serve application from them
+    (the checkpoint need not exist here: only its check is skipped)."""
+    import importlib
+    import inspect
+
+    from evaluation import serve as serve_module
+    from evaluation.serving import ServeApp, app_settings
+
+    for name in ("serve_config.yaml", "rayservice.yaml"):
+        (app,) = serve_configs[name][1]["applications"]
+        module, attribute = app["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), attribute)
+        assert builder is serve_module.app_builder and len(inspect.signature(builder).parameters) == 1
+        assert set(app["args"]) <= set(ServeApp.__dataclass_fields__) and "checkpoint" in app["args"], name
+        settings = app_settings(app["args"])
+        assert isinstance(settings, ServeApp) and settings.gpus_per_replica >= 1
+        assert app["route_prefix"] == "/" and app["name"] == serve_module.APP_NAME
+
+
+def test_the_builder_builds_the_application_the_configs_describe(serve_configs, tmp_path):
+    from ray.serve import Application
+
+    from evaluation import serve as serve_module
+    from trainers.checkpoint import model_info, save_checkpoint
+    from trainers.models import build_model
+
+    save_checkpoint(tmp_path / "ckpt", build_model("resnet18"), model_info({"backbone": "resnet18"}, 32, 0.5, 0.25, 1, {}))
+    (app,) = serve_configs["serve_config.yaml"][1]["applications"]
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what `serve deploy` calls
+
+    built = call_user_app_builder_with_args_if_necessary(serve_module.app_builder, {**app["args"], "checkpoint": str(tmp_path / "ckpt")})
+    assert isinstance(built, Application)
+    deployment = built._bound_deployment
+    assert deployment.num_replicas == app["args"]["replicas"]
+    assert deployment.ray_actor_options == {"num_cpus": app["args"]["cpus_per_replica"], "num_gpus": app["args"]["gpus_per_replica"]}
+    assert deployment.max_ongoing_requests >= app["args"]["max_batch_size"]  # Serve's default (5) would cap the batches
+
+
+def test_both_serve_configs_run_the_same_application_on_the_checkpoint_their_cluster_trains(serve_configs):
+    from cxr.config import from_raw
+
+    (file_app,) = serve_configs["serve_config.yaml"][1]["applications"]
+    (service_app,) = serve_configs["rayservice.yaml"][1]["applications"]
+    strip = lambda app: {**app, "args": {k: v for k, v in app["args"].items() if k != "checkpoint"}}
+    assert strip(file_app) == strip(service_app)
+    # the cluster launcher's run (configs/nih-cluster.yaml, with its search) and the RayJob's (no search)
+    cluster = from_raw(yaml.safe_load((REPO / "configs" / "nih-cluster.yaml").read_text()), base_dir=REPO / "configs")
+    assert file_app["args"]["checkpoint"] == f"{cluster.run.dir}/{'tune' if cluster.tune.enabled else 'train'}/best"
+    job_docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "rayjob.yaml").read_text()) if d]
+    (config_map,) = [d for d in job_docs if d["kind"] == "ConfigMap"]
+    job = from_raw(yaml.safe_load(config_map["data"]["nih.yaml"]), base_dir=Path("/configs"), origin="nih.yaml")
+    assert service_app["args"]["checkpoint"] == f"{job.run.dir}/{'tune' if job.tune.enabled else 'train'}/best"
+
+
+def test_serve_listens_on_loopback_on_a_vm_and_only_inside_kubernetes(serve_configs):
+    _, file_config = serve_configs["serve_config.yaml"]
+    assert file_config["http_options"]["host"] == "127.0.0.1"  # Serve's default for a config file is 0.0.0.0
+    text, service = serve_configs["manifest"]
+    assert service["apiVersion"] == "ray.io/v1"
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert not [k for k, v in walk(service) if v in ("LoadBalancer", "NodePort") or k.endswith(("hostPort", "hostNetwork"))]
+    assert service["spec"].get("serveService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"  # KubeRay's serve Service
+    assert "kubectl port-forward" in text and "authentication" in text
+    assert_no_credentials(text, service)
+    images = {c["image"] for spec in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in spec["template"]["spec"]["containers"]}
+    job = next(d for d in yaml.safe_load_all((REPO / "deploy" / "rayjob.yaml").read_text()) if d and d["kind"] == "RayJob")
+    assert images == {c["image"] for c in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    assert cluster["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["minReplicas"]
+               for g in cluster["workerGroupSpecs"])
+    (app,) = serve_configs["rayservice.yaml"][1]["applications"]
+    assert gpus >= app["args"]["replicas"] * app["args"]["gpus_per_replica"]  # every replica finds its GPU at the minimum size

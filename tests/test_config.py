@@ -394,3 +394,20 @@ def test_cxr_demo_is_cxr_run_of_the_demo_config(tmp_path, monkeypatch):
     demo = DemoSettings(patients=60, image_size=32, seed=3, tune=False)
     run_demo(RunDir(tmp_path / "demo"), demo)
     assert seen == [(demo_config(str(RunDir(tmp_path / "demo").root), demo), True)]
+
+
+def test_cxr_demo_ends_with_the_command_that_serves_its_model(tmp_path, monkeypatch):
+    import cxr.pipeline
+    from cxr.demo import run_demo
+
+    run = RunDir(tmp_path / "demo")
+    monkeypatch.setattr(cxr.pipeline, "run_pipeline", lambda config, force=False: "pipeline summary")
+    assert run_demo(run, DemoSettings(tune=False)) == "pipeline summary"  # no model: no command
+    (run.root / "phantoms" / "images").mkdir(parents=True)
+    (run.root / "phantoms" / "images" / "00000001_000.png").write_bytes(b"")
+    for stage in ("train", "tune"):  # the search's winner when there is one, as every later stage takes
+        run.best(stage).mkdir(parents=True)
+        (run.best(stage) / "model.json").write_text("{}")
+        lines = run_demo(run, DemoSettings(tune=False)).splitlines()
+        assert lines[1] == f"serve the model: cxr serve {run.best(stage)}"
+        assert lines[2].endswith(f"curl --data-binary @{run.root / 'phantoms' / 'images' / '00000001_000.png'} http://127.0.0.1:8000/predict")

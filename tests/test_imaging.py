@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.imaging import DecodeError, decode_file, to_uint8
-from tests.helpers import chest_like, write_bad_files, write_png
+from pipelines.imaging import DecodeError, decode_bytes, decode_file, sniff_format, to_uint8
+from tests.helpers import chest_like, dicom_bytes, write_bad_files, write_png
 
 
 def test_8bit_grayscale_is_resized_to_the_target(tmp_path):
@@ -47,6 +47,37 @@ def test_bad_files_raise_a_decode_error_with_the_reason(tmp_path, case):
         decode_file(tmp_path / case, 32)
 
 
+@pytest.mark.parametrize("case,kind", [("00000900_000.png", "truncated"), ("00000901_000.png", "empty"), ("00000902_000.png", "unrecognized")])
+def test_a_decode_error_says_which_way_it_failed_and_keeps_it_across_processes(tmp_path, case, kind):
+    import pickle
+
+    write_bad_files(tmp_path)
+    with pytest.raises(DecodeError) as caught:
+        decode_file(tmp_path / case, 32)
+    assert caught.value.kind == kind
+    again = pickle.loads(pickle.dumps(caught.value))  # as a Ray task's error reaches the driver
+    assert (again.kind, str(again)) == (kind, str(caught.value))
+
+
+def test_formats_are_known_by_content_and_a_dicom_decodes_whatever_its_name(tmp_path):
+    import io
+
+    pixels = chest_like(48)
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    Image.fromarray(pixels).save(jpeg, format="JPEG")
+    dicom = dicom_bytes(48, 48, pixels.tobytes(), bits=(8, 8))
+    assert [sniff_format(b) for b in (png.getvalue(), jpeg.getvalue(), dicom, b"hello", b"", b"\x89PN")] == ["png", "jpeg", "dicom", None, None, None]
+    for name in ("", "upload.png", "x.dcm"):  # by content: the name only adds .dcm/.dicom for DICOMs without the DICM marker
+        assert np.array_equal(decode_bytes(dicom, 48, name).pixels, pixels)
+
+
+def test_a_dicom_without_pixel_data_says_so():
+    with pytest.raises(DecodeError, match="no pixel data") as caught:
+        decode_bytes(dicom_bytes(64, 64, None), 32)
+    assert caught.value.kind == "no_pixels"
+
+
 def test_missing_file_is_a_decode_error(tmp_path):
     with pytest.raises(DecodeError, match="cannot read file"):
         decode_file(tmp_path / "nope.png", 32)
@@ -77,39 +108,6 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 
 
 # --------------------------------------------------------------------------- decompression bombs
-
-
-def _dicom_bytes(rows: int, columns: int, pixel_bytes: bytes, frames: int | None = None, rle: bool = False) -> bytes:
-    """A DICOM file as pydicom writes it: a real header declaring ``rows`` x ``columns`` (x frames)
-    16-bit pixels, with whatever pixel data is given (a bomb declares far more than it holds).
-    ``rle``: the pixel data is one RLE Lossless frame (encapsulated), as scanners compress."""
-    import io
-
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = RLELossless if rle else ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns = rows, columns
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if rle:
-        ds.PixelData = encapsulate([pixel_bytes])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    else:
-        ds.PixelData = pixel_bytes
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def _rle_zeros_frame(n_bytes: int) -> bytes:
@@ -160,7 +158,7 @@ def test_a_dicom_bomb_is_refused_from_its_header_and_quarantined_without_allocat
     from pathlib import Path
 
     bomb = tmp_path / "bomb.dcm"
-    bomb.write_bytes(_dicom_bytes(60000, 60000, _rle_zeros_frame(333_000), rle=True))
+    bomb.write_bytes(dicom_bytes(60000, 60000, _rle_zeros_frame(333_000), rle=True))
     assert bomb.stat().st_size < 400_000
     good = write_png(tmp_path / "good.png", chest_like(48))
     repo = Path(__file__).resolve().parents[1]
@@ -180,7 +178,7 @@ def test_one_setting_caps_png_and_dicom_alike(tmp_path, monkeypatch):
     it, and so does the DICOM header check (Rows x Columns x frames)."""
     pixels = (chest_like(64).astype(np.uint16) * 16).astype(np.uint16)
     dicom = tmp_path / "x.dcm"
-    dicom.write_bytes(_dicom_bytes(64, 64, pixels.tobytes()))
+    dicom.write_bytes(dicom_bytes(64, 64, pixels.tobytes()))
     png = write_png(tmp_path / "x.png", chest_like(64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000
     for path in (dicom, png):
@@ -195,14 +193,14 @@ def test_one_setting_caps_png_and_dicom_alike(tmp_path, monkeypatch):
 
 def test_frames_count_toward_the_dicom_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 64 x 64 fits under 8000; 64 x 64 x 4 frames does not
-    data = _dicom_bytes(64, 64, np.zeros(64 * 64 * 4, np.uint16).tobytes(), frames=4)
+    data = dicom_bytes(64, 64, np.zeros(64 * 64 * 4, np.uint16).tobytes(), frames=4)
     (tmp_path / "f.dcm").write_bytes(data)
     with pytest.raises(DecodeError, match="4 frame"):
         decode_file(tmp_path / "f.dcm", 32)
 
 
 def test_a_dicom_without_an_image_size_is_a_decode_error(tmp_path):
-    data = _dicom_bytes(8, 8, np.zeros(64, np.uint16).tobytes())
+    data = dicom_bytes(8, 8, np.zeros(64, np.uint16).tobytes())
     pydicom = pytest.importorskip("pydicom")
     import io
 
