@@ -52,16 +52,18 @@ def linked_collection(files: list[Path], repeat: int, folder: Path) -> pd.DataFr
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and its children (Ray's raylet, workers, store)."""
+    """Samples the summed RSS of this process and its children (Ray's raylet, workers, store);
+    ``include_self=False`` counts the children alone (a benchmark that runs the CLI as a subprocess)."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, include_self: bool = True) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.include_self = include_self
 
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in [*([me] if self.include_self else []), *me.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
