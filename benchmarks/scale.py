@@ -11,7 +11,8 @@ the shared data is never touched.
 Each stage runs as a user runs it (``python -m cxr.cli VERB``, a subprocess) at every ``--sizes``
 value; for each: wall time, rows per second, seconds per 1,000 rows, peak memory (the summed RSS of
 the CLI process and every process it starts: Ray's GCS, raylet, dashboard, workers; sampled every
-50 ms) and the bytes the stage wrote into the run folder. Results: ``results.csv``, ``results.md``
+50 ms; also their summed unique memory, USS, which counts shared pages once, and the CLI process's
+own RSS) and the bytes the stage wrote into the run folder. Results: ``results.csv``, ``results.md``
 and ``scale.png`` (seconds per 1,000 rows and peak memory against rows, one line per stage) in --out.
 
     nice -n 10 .venv/bin/python benchmarks/scale.py --sizes 2000 10000 --out runs/scale
@@ -152,13 +153,26 @@ def run_stages(run: Path, collection: Collection, image_sizes: list[int], stages
     for label, args in stage_commands(run, collection, image_sizes, stages):
         print(f"  {collection.rows} rows: cxr {label} ...", flush=True)
         start = time.time() - 1  # mtimes have 1 s resolution on some filesystems
-        with PeakMemory(include_self=False) as mem:
+        with PeakMemory(include_self=False, uss=True) as mem:
             seconds = run_cli(args, logs / f"{collection.rows}-{label.replace(' ', '-')}.log")
         rows = collection.rows
         results.append({"stage": label, "rows": rows, "seconds": seconds, "rows/s": rows / seconds, "s per 1k rows": 1000 * seconds / rows,
-                        "peak RSS (MiB)": mem.peak / 2**20, "written (MiB)": _written_since(run, start) / 2**20})
-        print(f"    {seconds:.1f} s, peak {mem.peak / 2**20:.0f} MiB", flush=True)
+                        "peak RSS (MiB)": mem.peak / 2**20, "peak USS (MiB)": mem.peak_uss / 2**20, "driver peak RSS (MiB)": mem.peak_top / 2**20,
+                        "written (MiB)": _written_since(run, start) / 2**20})
+        print(f"    {seconds:.1f} s, peak RSS {mem.peak / 2**20:.0f} MiB (USS {mem.peak_uss / 2**20:.0f}, driver {mem.peak_top / 2**20:.0f})", flush=True)
     return results
+
+
+def with_marginal_cost(table: pd.DataFrame) -> pd.DataFrame:
+    """Add each stage's seconds per 1,000 more rows since the next smaller size: the fixed cost of a
+    command (Python and library imports, Ray's start) drops out, so this is what must stay flat."""
+    table = table.copy()
+    table["marginal s per 1k rows"] = float("nan")
+    for _, part in table.groupby("stage", sort=False):
+        part = part.sort_values("rows")
+        grown = part["rows"].diff()
+        table.loc[part.index, "marginal s per 1k rows"] = (1000 * part["seconds"].diff() / grown).where(grown > 0)
+    return table
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
@@ -167,17 +181,19 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("s per 1k rows", "seconds per 1,000 rows", "time per 1,000 rows"),
+              ("peak RSS (MiB)", "MiB", "peak RSS, all processes"),
+              ("driver peak RSS (MiB)", "MiB", "peak RSS, the CLI process"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for stage, part in table.groupby("stage", sort=False):
         part = part.sort_values("rows")
-        axes[0].plot(part["rows"], part["s per 1k rows"], marker="o", label=stage)
-        axes[1].plot(part["rows"], part["peak RSS (MiB)"], marker="o", label=stage)
-    axes[0].set(xlabel="rows", ylabel="seconds per 1,000 rows", title="time per 1,000 rows")
-    axes[1].set(xlabel="rows", ylabel="peak RSS, all processes (MiB)", title="peak memory")
-    for ax in axes:
+        for ax, (column, _, _) in zip(axes, panels):
+            ax.plot(part["rows"], part[column], marker="o", label=stage)
+    for ax, (_, ylabel, title) in zip(axes, panels):
+        ax.set(xlabel="rows", ylabel=ylabel, title=title)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -207,7 +223,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work / "run")
             shutil.rmtree(collection.images)
-        table = pd.DataFrame(rows)
+        table = with_marginal_cost(pd.DataFrame(rows))
         table.to_csv(args.out / "results.csv", index=False)  # after every size: a long run keeps what it measured
     (args.out / "results.md").write_text(table.to_markdown(index=False, floatfmt=".2f") + "\n")
     plot(table, args.out / "scale.png")
