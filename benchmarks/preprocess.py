@@ -52,21 +52,33 @@ def linked_collection(files: list[Path], repeat: int, folder: Path) -> pd.DataFr
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and its children (Ray's raylet, workers, store)."""
+    """Samples the summed RSS of this process and its children (Ray's raylet, workers, store);
+    ``include_self=False`` counts the children alone (a benchmark that runs the CLI as a subprocess).
 
-    def __init__(self, interval: float = 0.05) -> None:
+    RSS counts a page shared by several processes (libraries, the object store's shared memory) once
+    per process. ``uss=True`` also samples the summed unique memory (``peak_uss``: what the processes
+    hold that no other does, so nothing counts twice) and ``peak_top``, the RSS of the top process
+    alone (the driver: this process, or with ``include_self=False`` its direct children)."""
+
+    def __init__(self, interval: float = 0.05, include_self: bool = True, uss: bool = False) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.include_self, self.uss = include_self, uss
+        self.peak_uss = self.peak_top = 0
 
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
+            total = unique = top = 0
+            tops = [me] if self.include_self else me.children()
+            for p in [*tops, *(c for t in tops for c in t.children(recursive=True))]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info() if self.uss else p.memory_info()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                total += info.rss
+                unique += getattr(info, "uss", 0)
+                top += info.rss if p in tops else 0
+            self.peak, self.peak_uss, self.peak_top = max(self.peak, total), max(self.peak_uss, unique), max(self.peak_top, top)
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakMemory":

@@ -1,8 +1,8 @@
-"""Preprocessing as one streaming Ray Data pipeline: read files -> decode/resize -> Parquet shards.
+"""Preprocessing as one streaming Ray Data pipeline: rows -> read/decode/resize -> Parquet shards.
 
-``read_binary_files`` streams the image bytes, ``map_batches`` decodes each to fixed-size 8-bit
-grayscale and attaches labels and per-image pixel statistics, ``write_parquet`` writes shards
-partitioned by split. Images that cannot be decoded are written to a ``split=_failed`` partition
+The manifest rows (path, ids, split, labels) become small blocks (``from_pandas``), ``map_batches``
+reads each row's file and decodes it to fixed-size 8-bit grayscale with per-image pixel statistics,
+``write_parquet`` writes shards partitioned by split. Images that cannot be decoded are written to a ``split=_failed`` partition
 with their reason, collected into the quarantine afterwards and removed from the shards, so a bad
 file never stops the run and is never lost. Memory stays flat because no stage holds more than a
 few blocks at a time (Ray Data's streaming executor).
@@ -38,14 +38,36 @@ class PreprocessResult:
     image_table: pd.DataFrame  # one row per input image: decode outcome, original size/mode, pixel stats
 
 
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str, dict], checks: BatchChecks | None, reject_flags: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Decode a batch of files; never raises for a bad image: an undecodable one, or one with any
-    of ``reject_flags`` set by ``checks``, becomes a ``_failed`` row."""
-    n = len(batch["path"])
+META = ("image_id", "patient_id", "split", *FINDINGS)  # the columns each row carries into the decode task
+MISSING = "missing file"  # an image deleted since ingest (its row goes to the quarantine, not an error)
+ESCAPED = "path escapes image root (a link now resolves outside it; checked when read)"
+
+
+def _read(path: str, real_root: str) -> bytes:
+    """The file's bytes, refused when it (links followed) now lies outside the image root: a file
+    swapped for a link since ingest checked it. Raises DecodeError with the reason."""
+    if not os.path.realpath(path).startswith(real_root + os.sep):
+        raise DecodeError(ESCAPED)
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise DecodeError(MISSING) from None
+    except OSError as err:
+        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, real_root: str, checks: BatchChecks | None, reject_flags: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read and decode a batch of rows (``abs_path`` and the META columns); never raises for a bad
+    image: a missing, escaping or undecodable one, or one with any of ``reject_flags`` set by
+    ``checks``, becomes a ``_failed`` row. Each row carries its own labels: no table of the whole
+    collection travels to every task (that cost O(collection) per task, quadratic in total)."""
+    n = len(batch["abs_path"])
     images, errors, widths, heights, modes, means, stds, clipped = [], [], [], [], [], [], [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
+    for path in batch["abs_path"]:
+        path = str(path)
         try:
-            decoded = decode_bytes(bytes(data), image_size, str(path))
+            decoded = decode_bytes(_read(path, real_root), image_size, path)
         except DecodeError as err:
             images.append(b""); errors.append(str(err)); widths.append(0); heights.append(0); modes.append("")
             means.append(np.nan); stds.append(np.nan); clipped.append(np.nan)
@@ -54,13 +76,12 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str,
         images.append(pixels.tobytes()); errors.append("")
         widths.append(decoded.orig_width); heights.append(decoded.orig_height); modes.append(decoded.orig_mode)
         means.append(pixels.mean()); stds.append(pixels.std()); clipped.append(np.mean((pixels == 0) | (pixels == 255)))
-    rows = [meta[_key(p)] for p in batch["path"]]
     out: dict[str, np.ndarray] = {
-        "image_id": np.array([r["image_id"] for r in rows], dtype=object),
-        "patient_id": np.array([r["patient_id"] for r in rows], dtype=object),
-        "split": np.array([r["split"] if not e else FAILED for r, e in zip(rows, errors)], dtype=object),
+        "image_id": np.asarray(batch["image_id"], dtype=object),
+        "patient_id": np.asarray(batch["patient_id"], dtype=object),
+        "split": np.array([s if not e else FAILED for s, e in zip(batch["split"], errors)], dtype=object),
         "image": np.array(images, dtype=object),
-        **{f: np.array([r[f] for r in rows], dtype=np.int8) for f in FINDINGS},
+        **{f: np.asarray(batch[f], dtype=np.int8) for f in FINDINGS},
         "orig_width": np.array(widths, dtype=np.int32),
         "orig_height": np.array(heights, dtype=np.int32),
         "orig_mode": np.array(modes, dtype=object),
@@ -77,11 +98,6 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, meta: dict[str,
     out["split"] = np.where(rejected, FAILED, out["split"]).astype(object)
     assert all(len(v) == n for v in out.values())
     return out
-
-
-def _key(path: str) -> str:
-    """Ray reports paths without a scheme; compare on the normalized absolute path."""
-    return os.path.normpath(str(path).removeprefix("file://"))
 
 
 IMAGES_PER_BLOCK_MAX = 64  # bounds a task's memory (64 originals of ~1 MB) whatever the collection size
@@ -125,9 +141,9 @@ def preprocess(
     ``train_stats=False`` for a collection without a train split (external validation: the model
     standardizes with its own training statistics), whose ``stats`` are then empty.
 
-    ``batch_size=None`` decodes each read block as one batch, which lets Ray fuse the read and the
-    decode into one task (no hand-off of raw PNG bytes through the object store); measured faster
-    in benchmarks/preprocess.py. Block count sets the parallelism.
+    ``batch_size=None`` decodes each block of rows as one batch, one task per block: the file read,
+    the decode and the write run in one task, and no raw PNG bytes pass through the object store.
+    Block count sets the parallelism.
     """
     import ray  # the pipelines package stays importable without Ray machinery
 
@@ -137,40 +153,31 @@ def preprocess(
     if len(rows) != len(manifest):
         raise UserInputError(f"{len(manifest) - len(rows)} manifest image(s) have no split: run `cxr split` again")
     root = Path(images_root).resolve()
-    rows = rows.assign(abs_path=[_key(root / p) for p in rows["path"]])
-    refused = _refuse_before_reading(rows, root)
+    base = str(root) + os.sep
+    rows = rows.assign(abs_path=[os.path.normpath(base + str(p)) for p in rows["path"]])
+    refused = _refuse_before_reading(rows)
     rows = rows.drop(index=refused.index)
-    meta = {r["abs_path"]: {k: r[k] for k in ("image_id", "patient_id", "split", *FINDINGS)} for r in rows.to_dict("records")}
     shards = Path(shards)
     if shards.exists():
         shutil.rmtree(shards)
-    ds = ray.data.read_binary_files(
-        list(rows["abs_path"]),
-        include_paths=True,
-        ignore_missing_paths=True,  # a file deleted since ingest is reported below, not fatal
-        override_num_blocks=num_blocks or default_blocks(len(rows), ray.cluster_resources().get("CPU", 1)),
-    )
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"image_size": image_size, "meta": meta, "checks": checks, "reject_flags": tuple(reject_flags)})
+    blocks = num_blocks or default_blocks(len(rows), ray.cluster_resources().get("CPU", 1))
+    table = rows[["abs_path", *META]].reset_index(drop=True)
+    table[list(FINDINGS)] = table[list(FINDINGS)].astype(np.int8)
+    ds = ray.data.from_pandas([table.iloc[i] for i in np.array_split(np.arange(len(table)), blocks) if len(i)])
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"image_size": image_size, "real_root": os.path.realpath(root), "checks": checks, "reject_flags": tuple(reject_flags)})
     ds.write_parquet(str(shards), partition_cols=["split"])
     return _collect(rows, refused, shards, image_size, tuple(reject_flags), train_stats)
 
 
-def _refuse_before_reading(rows: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """Rows not to read, with a ``reason``. Ingest checked every path, but a file swapped for a link
-    since then is caught here, and rows naming one file twice (a manifest from another tool) would
-    write one image under two ids."""
-    escapes = pd.Series([not inside_root(root, p) for p in rows["abs_path"]], index=rows.index)
-    shared = rows["abs_path"].duplicated(keep=False) & ~escapes
-    reasons = pd.Series("", index=rows.index)
-    reasons[escapes] = "path escapes image root (a link now resolves outside it; checked when read)"
-    reasons[shared] = [f"duplicate file: {n} rows name {p}" for p, n in zip(rows.loc[shared, "path"], rows.loc[shared].groupby("abs_path")["abs_path"].transform("size"))]
-    return rows[reasons != ""].assign(reason=reasons[reasons != ""])
-
-
-def inside_root(root: Path, path: str) -> bool:
-    """Whether ``path`` (links followed) still lies inside ``root``, checked when it is read."""
-    real_root = os.path.realpath(root)
-    return os.path.realpath(path).startswith(real_root + os.sep)
+def _refuse_before_reading(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows not to read, with a ``reason``: rows naming one file twice (a manifest from another tool)
+    would write one image under two ids. (A file swapped for a link since ingest is refused where
+    it is read: ``_read``.)"""
+    shared = rows["abs_path"].duplicated(keep=False)
+    counts = rows.loc[shared].groupby("abs_path")["abs_path"].transform("size")
+    reasons = [f"duplicate file: {n} rows name {p}" for p, n in zip(rows.loc[shared, "path"], counts)]
+    return rows[shared].assign(reason=reasons)
 
 
 def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size: int, reject_flags: tuple[str, ...],
@@ -205,6 +212,10 @@ def _collect(rows: pd.DataFrame, refused: pd.DataFrame, shards: Path, image_size
 
 
 def _failure_reason(row: dict, reject_flags: tuple[str, ...]) -> str:
+    if row["error"] == MISSING:
+        return f"{MISSING} (gone since ingest)"
+    if row["error"] == ESCAPED or row["error"].startswith("cannot read file"):
+        return row["error"]
     if row["error"]:
         return f"cannot decode: {row['error']}"
     return "failed image checks: " + ", ".join(f for f in reject_flags if row.get(f))

@@ -138,10 +138,11 @@ try:
     out["decode"] = "decoded"
 except DecodeError as err:
     out["decode"] = str(err)
-data = open(sys.argv[2], "rb").read()
-good = open(sys.argv[3], "rb").read()
-meta = {p: {"image_id": p.rsplit("/", 1)[-1], "patient_id": "1", "split": "train", **{f: 0 for f in __import__("pipelines.labels").labels.FINDINGS}} for p in sys.argv[2:4]}
-batch = _decode_batch({"bytes": np.array([data, good], dtype=object), "path": np.array(sys.argv[2:4], dtype=object)}, 32, meta, None, ())
+import os
+rows = {"abs_path": np.array(sys.argv[2:4], dtype=object), "image_id": np.array([p.rsplit("/", 1)[-1] for p in sys.argv[2:4]], dtype=object),
+        "patient_id": np.array(["1", "1"], dtype=object), "split": np.array(["train", "train"], dtype=object),
+        **{f: np.zeros(2, np.int8) for f in __import__("pipelines.labels").labels.FINDINGS}}
+batch = _decode_batch(rows, 32, os.path.realpath(os.path.dirname(sys.argv[2])), None, ())
 out["splits"] = list(batch["split"])
 out["errors"] = list(batch["error"])
 print(json.dumps(out))
