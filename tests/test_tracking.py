@@ -183,11 +183,14 @@ def test_train_logs_to_a_server_and_registers_a_version_that_predicts_the_same(r
     assert "report.html" in artifact_paths(server, evaluation.info.run_id)
 
 
-def test_tune_trials_nest_under_one_parent_run(ray_local, server, phantom, tmp_path):
+def test_tune_trials_nest_under_one_parent_run(ray_local, server, phantom, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = copy_run(phantom, tmp_path)
     assert main(["tune", "--run", str(run), "--backbone", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size", "8",
                  "--workers", "1", "--cpus-per-worker", "0.5", "--sampling-grid", "none", "--loss-grid", "bce,weighted",
                  "--freeze-grid", "none", "--no-asha", "--tracking-uri", server, "--experiment", "search"]) == 0
+    # Ray's callback sets the process's MLFLOW_TRACKING_URI; it must not leak into later stages of the process
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
     runs = runs_of(server, "search")
     (parent,) = [r for r in runs if r.data.tags.get("cxr.stage") == "tune"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -11,6 +11,7 @@ or the config again), the trial's best checkpoint at its end, and every call thr
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +35,17 @@ class TrialRuns(MLflowLoggerCallback):
         self.best: dict[Any, tuple[float, str | None]] = {}
 
     def setup(self, *args, **kwargs):
+        # Ray's setup calls mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI for the whole
+        # process: a later stage in it (cxr run, a test) would take this store for the user's choice.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         self._trial_runs = {}
-        self.tracker.call("setting up trial tracking", lambda: super(TrialRuns, self).setup(*args, **kwargs))
+        try:
+            self.tracker.call("setting up trial tracking", lambda: super(TrialRuns, self).setup(*args, **kwargs))
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
 
     def log_trial_start(self, trial) -> None:
         if trial in self._trial_runs or not self.tracker.enabled:
