@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray waits 60 s for its dashboard, then fails ray.init: on 2 cores under other jobs' load the
+# dashboard was seen taking longer (a solo test failed "Failed to start the dashboard")
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
 NIH_CSV = NIH / "Data_Entry_2017_v2020.csv.gz"

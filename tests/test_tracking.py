@@ -6,6 +6,7 @@ The runs are phantom collections (the demo's synthetic radiographs) written with
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -41,7 +42,10 @@ def server(tmp_path_factory):
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+                            # tracking needs no job runner: without this the server forks a pool of huey consumers
+                            # (7 processes here) that compete with the tests for the 2 CPUs
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
