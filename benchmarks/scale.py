@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.preprocess import PeakMemory
+from benchmarks.preprocess import PeakMemory, local_copies
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH = ROOT.parent / "shared" / "data" / "nih"
@@ -72,14 +72,7 @@ def _pool(images: Path, pool: Path, full_size_only: bool) -> list[Path]:
         sources = [p for p in sources if Image.open(p).size == (1024, 1024)]
     if not sources:
         raise SystemExit(f"no PNG images found in {images}")
-    pool.mkdir(parents=True, exist_ok=True)
-    out = []
-    for src in sources:
-        dst = pool / src.name
-        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
-            shutil.copyfile(src, dst)
-        out.append(dst)
-    return out
+    return local_copies(sources, pool)
 
 
 def _pick(name: str, n: int) -> int:
@@ -153,7 +146,7 @@ def run_stages(run: Path, collection: Collection, image_sizes: list[int], stages
     for label, args in stage_commands(run, collection, image_sizes, stages):
         print(f"  {collection.rows} rows: cxr {label} ...", flush=True)
         start = time.time() - 1  # mtimes have 1 s resolution on some filesystems
-        with PeakMemory(include_self=False, uss=True) as mem:
+        with PeakMemory(interval=0.5, include_self=False, uss=True) as mem:  # sparse: sampling costs CPU
             seconds = run_cli(args, logs / f"{collection.rows}-{label.replace(' ', '-')}.log")
         rows = collection.rows
         results.append({"stage": label, "rows": rows, "seconds": seconds, "rows/s": rows / seconds, "s per 1k rows": 1000 * seconds / rows,

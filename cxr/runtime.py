@@ -66,6 +66,9 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     The dashboard runs because Ray Train V2 frees the workers of a Tune trial that early stopping
     killed through the state API it serves (ray-project/ray#54305): without it each stopped trial
     keeps its CPUs reserved until the search hangs.
+    ``address="local"``: without it ``ray.init`` joins the cluster a ``ray start`` on this machine
+    recorded last (/tmp/ray/ray_current_cluster), even a test's or a stopped one, instead of starting
+    the embedded Ray this function promises.
     Worker logs stay in Ray's log folder (per-batch and per-report lines would flood CI logs);
     errors still reach the driver as exceptions with their tracebacks.
     """
@@ -74,7 +77,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     global _embedded
     _embedded = True
     with _loopback_node():
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                  logging_level=logging.WARNING, log_to_driver=False)
 
 

@@ -107,7 +107,7 @@ class SplitSection(Settings):
 class PreprocessSection(Settings):
     enabled: bool = option(True, cli=False)
     image_size: int = option(224, "side of the square output images in pixels")
-    blocks: int | None = option(None, "Ray Data read blocks (default: about 4 per CPU, at most 64 images each)")
+    blocks: int | None = option(None, "split into N equal Ray Data blocks (default: largest first, each 1/CPUs of the images left, at most 32 MiB of output)", metavar="N")
 
     def check(self) -> None:
         require(8 <= self.image_size <= MAX_IMAGE_SIZE, f"{{image_size}} must be between 8 and {MAX_IMAGE_SIZE}, got {self.image_size}")

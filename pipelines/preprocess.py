@@ -100,16 +100,41 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, real_root: str,
     return out
 
 
-IMAGES_PER_BLOCK_MAX = 64  # bounds a task's memory (64 originals of ~1 MB) whatever the collection size
+IMAGES_PER_BLOCK_MAX = 64  # bounds a scoring task's memory (64 originals of ~1 MB) whatever the collection size
 
 
 def default_blocks(n_images: int, cpus: float) -> int:
-    """About four blocks per CPU, but never more than IMAGES_PER_BLOCK_MAX images in one.
+    """About four blocks per CPU, but never more than IMAGES_PER_BLOCK_MAX images in one (cxr score's
+    decode tasks; preprocessing sizes its blocks with ``guided_blocks``).
 
     Measured on 2 CPUs (benchmarks/preprocess.py, 884 NIH originals): 8 blocks decode 84 img/s,
     55 blocks (16 images each) 58 img/s; per-task overhead dominates small blocks.
     """
     return max(1, min(n_images, max(int(4 * cpus), math.ceil(n_images / IMAGES_PER_BLOCK_MAX))))
+
+
+BLOCK_BYTES_MAX = 32 * 2**20  # a task's decoded output at most (668 images at 224 px): bounds a worker's memory
+
+
+def guided_blocks(n_images: int, cpus: float, image_size: int, smallest: int = 8) -> list[int]:
+    """Block sizes for ``n_images`` on ``cpus``, largest first (guided self-scheduling): each block
+    takes 1/cpus of the images not yet assigned, at least ``smallest`` and at most BLOCK_BYTES_MAX of
+    output.
+
+    Why: Ray Data starts a block's task only when a CPU is free and notices a finished task up to
+    0.1 s late (its executor polls), so every task costs its CPU an idle gap (~0.13 s each here);
+    and equal blocks leave one CPU idle at the end for up to a whole block while the other finishes.
+    Few large blocks first keep the gaps few; shrinking blocks last keep every CPU busy to the end.
+    Measured on 2 CPUs at 884 NIH originals (benchmarks/preprocess.py, docs/benchmarks.md): the idle
+    tail fell from 0.9-1.8 s to under 0.1 s.
+    """
+    cap = max(smallest, BLOCK_BYTES_MAX // (image_size * image_size))
+    sizes, left = [], n_images
+    while left > 0:
+        size = min(left, cap, max(smallest, math.ceil(left / max(cpus, 1))))
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def train_intensity_stats(shards: Path, image_size: int) -> dict:
@@ -143,7 +168,7 @@ def preprocess(
 
     ``batch_size=None`` decodes each block of rows as one batch, one task per block: the file read,
     the decode and the write run in one task, and no raw PNG bytes pass through the object store.
-    Block count sets the parallelism.
+    Blocks are sized by ``guided_blocks`` unless ``num_blocks`` asks for that many equal ones.
     """
     import ray  # the pipelines package stays importable without Ray machinery
 
@@ -160,10 +185,14 @@ def preprocess(
     shards = Path(shards)
     if shards.exists():
         shutil.rmtree(shards)
-    blocks = num_blocks or default_blocks(len(rows), ray.cluster_resources().get("CPU", 1))
     table = rows[["abs_path", *META]].reset_index(drop=True)
     table[list(FINDINGS)] = table[list(FINDINGS)].astype(np.int8)
-    ds = ray.data.from_pandas([table.iloc[i] for i in np.array_split(np.arange(len(table)), blocks) if len(i)])
+    if num_blocks:
+        parts = [table.iloc[i] for i in np.array_split(np.arange(len(table)), num_blocks) if len(i)]
+    else:
+        bounds = np.cumsum([0, *guided_blocks(len(table), ray.cluster_resources().get("CPU", 1), image_size)])
+        parts = [table.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    ds = ray.data.from_pandas(parts)
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"image_size": image_size, "real_root": os.path.realpath(root), "checks": checks, "reject_flags": tuple(reject_flags)})
     ds.write_parquet(str(shards), partition_cols=["split"])

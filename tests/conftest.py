@@ -42,3 +42,20 @@ def ray_local():
     yield ray
     ray.shutdown()
 
+
+
+@pytest.fixture
+def two_node_cluster():
+    """Two Ray nodes of 2 CPUs on this machine (Ray's own test utility), the driver connected."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

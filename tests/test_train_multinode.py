@@ -11,22 +11,6 @@ from trainers import TrainConfig, fit
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def two_node_cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20, "include_dashboard": False})
-    cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
 def test_workers_on_two_nodes_train_and_report(two_node_cluster, tmp_path):
     import ray
 
