@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per scoring actor (one Ray run each)")
     args = parser.parse_args()
     import ray
 
@@ -84,19 +85,21 @@ def main() -> None:
             paths = linked(files, repeat, tmp / f"in{repeat}")
             inputs = pd.DataFrame({"image_id": [p.name for p in paths], "path": [str(p) for p in paths]})
             score_collection(inputs.head(32), checkpoint, tmp / "warm", batch_size=args.batch_size)  # warm workers
-            with PeakMemory() as mem:
-                t0 = time.perf_counter()
-                result = score_collection(inputs, checkpoint, tmp / f"out{repeat}", batch_size=args.batch_size)
-                ray_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             frame = predict_images(checkpoint, paths)  # decodes every file into memory first, then scores
             loop_s = time.perf_counter() - t0
-            scores = pd.read_parquet(tmp / f"out{repeat}" / "scores").set_index("image_id").loc[[p.name for p in paths]]
-            worst = float(np.abs(scores.filter(like="prob_").to_numpy() - frame.filter(like="prob_").to_numpy()).max())
             n = len(paths)
-            rows.append({"images": n, "predict loop img/s": n / loop_s, "cxr score img/s": n / ray_s, "ratio": loop_s / ray_s,
-                         "score peak RSS, all processes (MiB)": mem.peak / 2**20,
-                         "max |prob diff|": worst, "scored": result.scored, "ood flagged": result.flagged})
+            for threads in args.threads:
+                out = tmp / f"out{repeat}-{threads}"
+                with PeakMemory() as mem:
+                    t0 = time.perf_counter()
+                    result = score_collection(inputs, checkpoint, out, batch_size=args.batch_size, threads_per_actor=threads)
+                    ray_s = time.perf_counter() - t0
+                scores = pd.read_parquet(out / "scores").set_index("image_id").loc[[p.name for p in paths]]
+                worst = float(np.abs(scores.filter(like="prob_").to_numpy() - frame.filter(like="prob_").to_numpy()).max())
+                rows.append({"images": n, "actor threads": threads, "predict loop img/s": n / loop_s, "cxr score img/s": n / ray_s,
+                             "ratio": loop_s / ray_s, "score peak RSS, all processes (MiB)": mem.peak / 2**20,
+                             "max |prob diff|": worst, "scored": result.scored, "ood flagged": result.flagged})
         ray.shutdown()
     print(f"\n{len(files)} NIH 1024x1024 originals; {args.backbone} at {args.image_size}x{args.image_size}, batch {args.batch_size}; "
           f"{args.cpus} CPUs (Ray: decode tasks + 1 actor; loop: {args.cpus} torch threads); load average {os.getloadavg()[0]:.1f}\n")

@@ -321,8 +321,10 @@ class ScoreSettings(Settings):
     batch_size: int = option(32, "images per model call in each actor", metavar="N")
     actors: int = option(1, "scoring actors, each loading the model once and taking 1 CPU (on CPUs, leave one for decoding)", metavar="N")
     gpus_per_actor: float = option(0.0, "GPUs each actor reserves (0: score on the CPU)", metavar="G")
+    threads_per_actor: int | None = option(None, "torch threads of each actor on the CPU (default: the smallest node's CPUs shared among the actors; 1 with GPUs)", metavar="T")
 
     def check(self) -> None:
+        require(self.threads_per_actor is None or self.threads_per_actor >= 1, f"{{threads_per_actor}} must be >= 1, got {self.threads_per_actor}")
         require(self.images is None or self.manifest is None, "{images} and {manifest} exclude each other: name one input")
         require(self.batch_size >= 1 and self.actors >= 1, f"{{batch_size}} and {{actors}} must be >= 1, got {self.batch_size} and {self.actors}")
         require(self.gpus_per_actor >= 0, f"{{gpus_per_actor}} must be >= 0, got {self.gpus_per_actor}")

@@ -650,7 +650,7 @@ def score_stage(run: RunDir | None, settings: ScoreSettings) -> str:
           f"{settings.actors} actor(s) x batch {settings.batch_size}" + (f", {settings.gpus_per_actor:g} GPU each" if settings.gpus_per_actor else ""),
           flush=True)
     result = score_collection(inputs, checkpoint, Path(settings.out), thresholds, settings.batch_size, settings.actors,
-                              settings.gpus_per_actor, source)
+                              settings.gpus_per_actor, source, settings.threads_per_actor)
     s = result.summary
     lines = [f"score: {s['rows_in']} in = {result.scored} scored + {result.quarantined} quarantined"
              + (f" (first: {_first_reason(result.out / QUARANTINE)})" if result.quarantined else "")]

@@ -64,7 +64,10 @@ class ScoreBatch:
     """The Ray Data actor: loads the checkpoint once (``Scorer``), then scores each batch's decoded
     rows; rows with a ``reason`` are passed through unscored, with ``status`` quarantined."""
 
-    def __init__(self, checkpoint: str, thresholds: Thresholds | None, use_gpu: bool) -> None:
+    def __init__(self, checkpoint: str, thresholds: Thresholds | None, use_gpu: bool, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # Ray sets the actor's OMP threads to its CPU reservation (1)
         self.scorer = Scorer(Path(checkpoint), thresholds, device="cuda" if use_gpu else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,9 +97,22 @@ class ScoreResult:
     summary: dict
 
 
+def actor_threads(actors: int, gpus_per_actor: float) -> int:
+    """Torch threads per scoring actor: on GPUs 1; on CPUs the smallest node's CPUs shared among the
+    actors (at least 1). Why not the actor's 1-CPU reservation: the forward pass is most of the work,
+    and the decode tasks need little CPU, so one single-threaded actor left a core idle
+    (docs/benchmarks.md, "Scoring a collection": 2 threads scored 0.80x the loop where 1 thread scored 0.67x)."""
+    import ray
+
+    if gpus_per_actor > 0:
+        return 1
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    return max(1, int(min(node_cpus, default=1)) // max(1, actors))
+
+
 def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, thresholds: Thresholds | None = None,
                      batch_size: int = 32, actors: int = 1, gpus_per_actor: float = 0.0,
-                     source: str = "") -> ScoreResult:
+                     source: str = "", threads_per_actor: int | None = None) -> ScoreResult:
     """Score every row of ``inputs`` (``image_id``, absolute ``path``) on the connected Ray cluster;
     ``out`` is built in a staging folder and swapped in whole (complete or absent)."""
     import ray  # evaluation stays importable without Ray machinery
@@ -117,6 +133,7 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
         raise UserInputError(f"--actors {actors} would take every CPU of this Ray cluster ({cpus:g}), leaving none to read and "
                              f"decode the images: use at most {max(int(cpus) - 1, 1) if cpus > 1 else 0} actor(s)"
                              + ("" if cpus > 1 else ", on a cluster with at least 2 CPUs"))
+    threads = threads_per_actor or actor_threads(actors, gpus_per_actor)
     blocks = default_blocks(len(inputs), cpus)
     table = inputs[["image_id", "path"]].astype(str).reset_index(drop=True)
     chunks = [table.iloc[index] for index in np.array_split(np.arange(len(table)), blocks) if len(index)]
@@ -129,7 +146,7 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
     ds = ds.map_batches(ScoreBatch, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                         num_gpus=gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "thresholds": thresholds,
-                                               "use_gpu": gpus_per_actor > 0})
+                                               "use_gpu": gpus_per_actor > 0, "threads": threads})
     out = Path(out)
     with staged_dir(out) as staging:
         written = staging / ".written"
@@ -159,7 +176,7 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
             "ood_flagged": flagged, "ood": ood.meta if ood is not None else None, "ood_note": ood_note,
             "thresholds": THRESHOLDS if thresholds is not None else None,
             "files": {"scores": f"{SCORES}/", "quarantine": QUARANTINE},
-            "actors": actors, "batch_size": batch_size, "gpus_per_actor": gpus_per_actor,
+            "actors": actors, "batch_size": batch_size, "gpus_per_actor": gpus_per_actor, "threads_per_actor": threads,
         }
         write_json(staging / SUMMARY, summary)
     return ScoreResult(out, int(len(counted)), int(len(failed)), flagged, summary)
