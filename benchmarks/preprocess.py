@@ -73,6 +73,16 @@ def linked_collection(files: list[Path], repeat: int, folder: Path) -> pd.DataFr
     return manifest
 
 
+def _children(process: psutil.Process, recursive: bool = True) -> list[psutil.Process]:
+    """``process``'s children (descendants), or none when one being listed ended meanwhile: psutil
+    raises then, and an exception would end the sampling thread silently, its peaks frozen (that
+    sample alone misses them)."""
+    try:
+        return process.children(recursive=recursive)
+    except psutil.Error:
+        return []
+
+
 class PeakMemory:
     """Samples the summed RSS of this process and its children (Ray's raylet, workers, store);
     ``include_self=False`` counts the children alone (a benchmark that runs the CLI as a subprocess).
@@ -91,8 +101,8 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = unique = top = 0
-            tops = [me] if self.include_self else me.children()
-            for p in [*tops, *(c for t in tops for c in t.children(recursive=True))]:
+            tops = [me] if self.include_self else _children(me, recursive=False)
+            for p in [*tops, *(c for t in tops for c in _children(t))]:
                 try:
                     info = p.memory_full_info() if self.uss else p.memory_info()
                 except psutil.Error:

@@ -66,18 +66,24 @@ def metadata_matrix(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray
     return np.hstack(parts_train), np.hstack(parts_test), used
 
 
-def thumbnails(images: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
-    """``(n, S, S)`` uint8 images as ``(n, side*side)`` floats in 0..1: block means when ``S`` is a
-    multiple of ``side``, else nearest sampling of the block centres (cheap and deterministic)."""
+def thumbnails(images: np.ndarray, side: int = THUMBNAIL_SIDE, chunk: int = 1024) -> np.ndarray:
+    """``(n, S, S)`` uint8 images as ``(n, side*side)`` float32 in 0..1: block means when ``S`` is a
+    multiple of ``side``, else nearest sampling of the block centres (cheap and deterministic).
+    Float32 and ``chunk`` images at a time: 4 KB per image, no float64 copy of a whole split (at
+    64 px that would be twice the split's own pixels)."""
     images = np.asarray(images)
     n, size = images.shape[0], images.shape[1]
-    if size % side == 0:
-        k = size // side
-        small = images.reshape(n, side, k, side, k).mean(axis=(2, 4))
-    else:
-        index = ((np.arange(side) + 0.5) * size / side).astype(int)
-        small = images[:, index][:, :, index].astype(np.float64)
-    return small.reshape(n, side * side) / 255.0
+    out = np.empty((n, side * side), np.float32)
+    for start in range(0, n, chunk):
+        part = images[start:start + chunk]
+        if size % side == 0:
+            k = size // side
+            small = part.reshape(len(part), side, k, side, k).mean(axis=(2, 4))
+        else:
+            index = ((np.arange(side) + 0.5) * size / side).astype(int)
+            small = part[:, index][:, :, index].astype(np.float64)
+        out[start:start + len(part)] = small.reshape(len(part), side * side) / 255.0
+    return out
 
 
 def split_thumbnails(shards: Path, rows: Rows, image_size: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -91,7 +97,7 @@ def split_thumbnails(shards: Path, rows: Rows, image_size: int) -> tuple[pd.Data
         frames.append(table)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id", "patient_id", *FINDINGS])
     frame["image_id"] = frame["image_id"].astype(str)
-    return frame, (np.concatenate(small) if small else np.zeros((0, THUMBNAIL_SIDE * THUMBNAIL_SIDE)))
+    return frame, (np.concatenate(small) if small else np.zeros((0, THUMBNAIL_SIDE * THUMBNAIL_SIDE), np.float32))
 
 
 def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, reduce: int | None, seed: int) -> np.ndarray:

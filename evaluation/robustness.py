@@ -4,10 +4,20 @@ Each perturbation mimics something that happens to real radiographs (detector no
 and windowing, motion blur, patient rotation, lossy archiving, low-resolution sources). Level 0
 is the clean image; levels 1-4 grow stronger. Strengths are relative to the image (blur in % of
 its side) so a 64-pixel test run and a 224-pixel real run are degraded alike.
+
+The study streams: for each (perturbation, level) the test images are perturbed and scored
+``CHUNK`` at a time, so besides the one copy of the clean test pixels at most one chunk of
+perturbed pixels exists at any moment, whatever the size of the test split. Chunk ``k`` (images
+``k * CHUNK`` to ``(k + 1) * CHUNK - 1`` in the split's order) draws its random numbers from
+:func:`chunk_rng` ``(seed, perturbation, level, k)``, so an image's perturbed pixels depend on the
+seed, its chunk's images and the chunk's index, not on how many images come after it. ``CHUNK`` is
+a constant for that reason: changing it changes which noise each image gets (the deterministic
+perturbations are unaffected).
 """
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +29,7 @@ from scipy.ndimage import gaussian_filter
 from evaluation.metrics import auroc
 
 Perturb = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+CHUNK = 256  # images perturbed and scored at a time (also fixes each image's random numbers: see above)
 
 
 def _per_image(images: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> np.ndarray:
@@ -91,8 +102,15 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
 BY_NAME = {p.name: p for p in PERTURBATIONS}
 
 
-def perturb(images: np.ndarray, name: str, level: int, seed: int = 0) -> np.ndarray:
-    """``images`` degraded by perturbation ``name`` at ``level`` (0 = unchanged)."""
+def chunk_rng(seed: int, name: str, level: int, chunk: int) -> np.random.Generator:
+    """The random numbers of chunk ``chunk`` under perturbation ``name`` at ``level``: seeded by all
+    four (the name through a stable CRC-32, so adding a perturbation changes no other's draws)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), level, chunk])
+
+
+def perturb(images: np.ndarray, name: str, level: int, seed: int = 0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``images`` degraded by perturbation ``name`` at ``level`` (0 = unchanged), drawing from
+    ``rng`` (default: one seeded by ``seed`` and ``level``)."""
     if name not in BY_NAME:
         raise ValueError(f"unknown perturbation {name!r}: choose one of {', '.join(BY_NAME)}")
     spec = BY_NAME[name]
@@ -100,7 +118,24 @@ def perturb(images: np.ndarray, name: str, level: int, seed: int = 0) -> np.ndar
         raise ValueError(f"level must be 0..{len(spec.strengths)} for {name}, got {level}")
     if level == 0:
         return images
-    return spec.apply(images, spec.strengths[level - 1], np.random.default_rng([seed, level]))
+    return spec.apply(images, spec.strengths[level - 1], rng if rng is not None else np.random.default_rng([seed, level]))
+
+
+def perturbed_chunks(images: np.ndarray, name: str, level: int, seed: int = 0, chunk: int = CHUNK):
+    """``images`` perturbed ``chunk`` at a time (each with :func:`chunk_rng`), in order: one
+    chunk of perturbed pixels at a time, never a perturbed copy of the whole array."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    for k, start in enumerate(range(0, len(images), chunk)):
+        yield perturb(images[start:start + chunk], name, level, rng=chunk_rng(seed, name, level, k))
+
+
+def predict_perturbed(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, name: str, level: int,
+                      seed: int = 0, chunk: int = CHUNK) -> np.ndarray:
+    """``predict`` of every image perturbed by ``name`` at ``level``, streamed chunk by chunk;
+    rows in the order of ``images``."""
+    parts = [predict(batch) for batch in perturbed_chunks(images, name, level, seed, chunk)]
+    return np.concatenate(parts) if parts else predict(images[:0])
 
 
 def _aurocs(labels: np.ndarray, probs: np.ndarray, findings: list[str]) -> dict[str, float]:
@@ -108,15 +143,20 @@ def _aurocs(labels: np.ndarray, probs: np.ndarray, findings: list[str]) -> dict[
 
 
 def robustness_table(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
-                     findings: list[str], seed: int = 0, clean_probs: np.ndarray | None = None) -> pd.DataFrame:
+                     findings: list[str], seed: int = 0, clean_probs: np.ndarray | None = None,
+                     chunk: int = CHUNK) -> pd.DataFrame:
     """One row per (perturbation, level): ``strength``, ``mean_auroc`` (over findings defined on
-    the clean test set) and ``auroc_<finding>``. ``predict`` maps uint8 images to probabilities."""
-    clean = _aurocs(labels, clean_probs if clean_probs is not None else predict(images), findings)
+    the clean test set) and ``auroc_<finding>``. ``predict`` maps uint8 images to probabilities;
+    it is called with at most ``chunk`` images at a time (see the module's note on streaming)."""
+    if clean_probs is None:
+        clean_probs = np.concatenate([predict(images[s:s + chunk]) for s in range(0, len(images), chunk)]) \
+            if len(images) else predict(images)
+    clean = _aurocs(labels, clean_probs, findings)
     defined = [k for k, v in clean.items() if not np.isnan(v)]
     rows = []
     for spec in PERTURBATIONS:
         for level in range(len(spec.strengths) + 1):
-            scores = clean if level == 0 else _aurocs(labels, predict(perturb(images, spec.name, level, seed)), findings)
+            scores = clean if level == 0 else _aurocs(labels, predict_perturbed(predict, images, spec.name, level, seed, chunk), findings)
             strength = spec.clean if level == 0 else spec.strengths[level - 1]
             mean = float(np.mean([scores[k] for k in defined])) if defined else np.nan
             rows.append({"perturbation": spec.name, "label": spec.label, "level": level, "strength": strength,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks.scale import ROOT, STAGES, build_collection, pick_rows
+from benchmarks.scale import EVAL_STAGES, ROOT, STAGES, Collection, Options, build_collection, pick_rows, stage_commands
 
 pytestmark = [pytest.mark.ray, pytest.mark.realdata]
 
@@ -22,6 +22,22 @@ def test_pick_rows_keeps_patients_whole():
     assert list(pick_rows(table, 6)["Patient ID"].unique()) == ["1", "2"]  # patient 3 would be cut: left out
     assert len(pick_rows(table, 5)) == 5
     assert len(pick_rows(table, None)) == len(pick_rows(table, 100)) == 9
+
+
+def test_eval_stages_follow_the_data_stages_with_their_options(tmp_path):
+    collection = Collection(tmp_path / "labels.csv.gz", tmp_path / "images", 100, 10)
+    commands = stage_commands(tmp_path / "run", collection, [224, 64], [*STAGES, *EVAL_STAGES],
+                              Options(("--test-frac", "0.75", "--val-frac", "0.1"), epochs=1, backbone="resnet18"))
+    labels = [label for label, _ in commands]
+    assert labels == ["ingest", "validate", "split", "preprocess 224", "preprocess 64", "eda", "train", "evaluate", "explain"]
+    args = dict(commands)
+    assert args["split"][-4:] == ["--test-frac", "0.75", "--val-frac", "0.1"]
+    train = args["train"]
+    assert train[:3] == ["train", "--run", str(tmp_path / "run")]
+    assert train[train.index("--epochs") + 1] == "1" and train[train.index("--weights") + 1] == "none"
+    assert train[train.index("--backbone") + 1] == "resnet18" and train[train.index("--workers") + 1] == "1"
+    assert all(a[2] == str(tmp_path / "run") for _, a in commands)  # every stage on the one run
+    assert [label for label, _ in stage_commands(tmp_path / "run", collection, [64], list(STAGES))][-1] == "eda"  # --eval is opt-in
 
 
 def test_builder_links_each_row_to_a_real_image(nih, tmp_path):
