@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/cxr demo --run $(RUN)
 
 test: setup
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not solo'
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not solo' --durations=25
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m solo
 
 clean:
