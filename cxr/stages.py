@@ -382,7 +382,9 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection, tracking: TrackingSec
 
     tracker = open_tracker(run, tracking, register=False)
     clear_record(run.eval)
-    result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups)
+    print("evaluate: one line per phase as it ends", flush=True)
+    result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups,
+                          progress=lambda line: print(f"  {line}", flush=True))
     m = result.metrics
     registered = track_evaluation(tracker, run, result, settings)
     mean = m["mean"]

@@ -7,8 +7,10 @@ Thresholds are chosen on validation and only reported on test; intervals resampl
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -158,14 +160,16 @@ def _view_shift(subgroups: pd.DataFrame | None) -> dict | None:
 
 def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000, seed: int = 0,
                  robustness: bool = True, threshold_rule: str = "youden", subgroups: list[str] | None = None,
-                 data: RunDir | None = None) -> EvalResult:
+                 data: RunDir | None = None, progress: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate ``checkpoint`` (default: ``<run>/tune/best``, else ``<run>/train/best``) on the
     run's test split beside both baselines, broken down by ``subgroups`` (default: every one of
     sex, age band, view and cohort present); write ``<run>/eval/``.
 
     ``data`` scores another collection instead (external validation): its test shards and manifest
     are read and its ``eval/`` written, while thresholds are still chosen on the run's validation
-    split and the baselines fit on the run's train split, so both sets are judged by one rule."""
+    split and the baselines fit on the run's train split, so both sets are judged by one rule.
+    ``progress`` gets one line per phase as it ends (and per robustness level): at NIH's test-split
+    size the whole takes tens of minutes."""
     from trainers.checkpoint import load_checkpoint  # torch only when evaluating
 
     data = run if data is None else data
@@ -175,20 +179,25 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
     unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
         raise UserInputError(f"checkpoint {checkpoint} predicts {unknown}, which the shards do not label")
+    started = time.perf_counter()
+    say = progress or (lambda line: None)
     test, val = load_split(data, "test", size), load_split(run, "val", size)
     test_probs = predict_arrays(model, info, test.images)
     val_probs = predict_arrays(model, info, val.images)
+    say(f"scored {len(test.frame):,} test and {len(val.frame):,} validation images ({time.perf_counter() - started:.0f} s)")
     frame = with_meta(prediction_frame(test, test_probs, findings), data)
     labels, val_labels = test.labels(findings), val.labels(findings)
     patients = frame["patient_id"].to_numpy()
     columns = subgroup_columns(frame, subgroups)
     baselines = _baselines(run, frame, test.images, findings, size, seed)
     comparisons = {b.name: compare(labels, test_probs, patients, findings, b, n_boot, seed) for b in baselines}
+    say(f"baselines fit and compared, {n_boot} patient bootstrap replicates ({time.perf_counter() - started:.0f} s)")
 
     replicates = bootstrap_auroc(labels, test_probs, patients, n_boot, seed)
     per_finding = {name: finding_metrics(labels[:, j], test_probs[:, j], replicates[:, j], val_labels[:, j],
                                          val_probs[:, j], threshold_rule) for j, name in enumerate(findings)}
     mean = mean_figures(per_finding, replicates, findings)
+    say(f"per-finding metrics and intervals ({time.perf_counter() - started:.0f} s)")
 
     # Built in a staging folder and swapped in whole: an interrupted evaluation leaves the last
     # complete eval/ (which explain and report read), never a mix of two.
@@ -206,7 +215,7 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
         robust = None
         if robustness and shown:
             robust = robustness_table(lambda images: predict_arrays(model, info, images), test.images, labels, findings,
-                                      seed=seed, clean_probs=test_probs)
+                                      seed=seed, clean_probs=test_probs, progress=progress)
             robust.to_csv(out / "robustness.csv", index=False)
             made["robustness"] = figures.robustness_plot(robust, out / "figures" / "robustness.png")
 
@@ -214,6 +223,7 @@ def evaluate_run(run: RunDir, checkpoint: Path | None = None, n_boot: int = 1000
         if columns:
             groups = subgroup_table(frame, findings, columns, {b.name: b.probs for b in baselines}, n_boot=n_boot, seed=seed)
             groups.to_csv(out / "subgroups.csv", index=False)
+            say(f"subgroups: {', '.join(columns)} ({time.perf_counter() - started:.0f} s)")
             if not groups.empty and shown:
                 made["subgroups"] = figures.subgroup_plot(groups, mean, out / "figures" / "subgroups.png")
 

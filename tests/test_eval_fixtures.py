@@ -138,6 +138,7 @@ class Evaluated:
     phantom: PhantomRun
     evaluation: object  # evaluation.EvalResult
     explanation: object  # evaluation.ExplainResult
+    progress: list[str]  # the lines evaluate_run reported as it went
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +147,8 @@ def evaluated_run(phantom_run) -> Evaluated:
     if "evaluated" not in _BUILT:
         from evaluation import evaluate_run, explain_run
 
-        evaluation = evaluate_run(phantom_run.run, n_boot=200, seed=0)
+        progress: list[str] = []
+        evaluation = evaluate_run(phantom_run.run, n_boot=200, seed=0, progress=progress.append)
         explanation = explain_run(phantom_run.run, max_images=6, max_boxed=30)
-        _BUILT["evaluated"] = Evaluated(phantom_run, evaluation, explanation)
+        _BUILT["evaluated"] = Evaluated(phantom_run, evaluation, explanation, progress)
     return _BUILT["evaluated"]

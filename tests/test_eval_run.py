@@ -75,6 +75,19 @@ def test_model_learned_the_phantoms(evaluated_run):
     assert per["Cardiomegaly"]["auroc"] > 0.85  # the heart's size is the easiest planted finding
 
 
+def test_evaluate_reports_each_phase_and_each_robustness_level(evaluated_run):
+    """A large test split takes tens of minutes: the user sees a line per phase and per perturbed level."""
+    from evaluation.robustness import PERTURBATIONS
+
+    lines = evaluated_run.progress
+    levels = [line for line in lines if line.startswith("robustness ")]
+    assert len(levels) == sum(len(p.strengths) for p in PERTURBATIONS) == len(evaluated_run.evaluation.robustness.query("level > 0"))
+    assert levels[-1].startswith(f"robustness {len(levels)}/{len(levels)}: ")
+    for phase in ("scored ", "baselines fit", "per-finding metrics", "subgroups: "):
+        assert sum(line.startswith(phase) for line in lines) == 1, (phase, lines)
+    assert len(lines) == len(levels) + 4
+
+
 def test_robustness_and_subgroup_tables(evaluated_run):
     robust, groups = evaluated_run.evaluation.robustness, evaluated_run.evaluation.subgroups
     assert set(robust["perturbation"]) == {"noise", "contrast", "brightness", "blur", "rotation", "jpeg", "downscale"}
