@@ -22,6 +22,12 @@ from pipelines.rundir import INFO_FILE, RunDir
 from trainers.config import TrainConfig
 
 
+def echo_indented(line: str) -> None:
+    """A long stage's progress line (per epoch, trial, fold or phase), indented under the stage's own
+    line and flushed at once, so a job log shows it as it happens."""
+    print(f"  {line}", flush=True)
+
+
 def _source_info(run: RunDir) -> dict:
     if not run.source_json.exists():
         raise FileNotFoundError(f"{run.source_json} not found: run `cxr ingest --run {run.root}` first")
@@ -322,7 +328,7 @@ def train_stage(run: RunDir, cfg: TrainConfig, tracking: TrackingSection | None 
     stats = current_shards(run)
     tracker = open_tracker(run, tracking)
     print(f"train: {cfg.epochs} epoch(s) of {cfg.backbone} on {cfg.workers} worker(s); one line per epoch as it ends", flush=True)
-    result = fit(run, cfg, echo=lambda line: print(f"  {line}", flush=True), tracker=tracker)
+    result = fit(run, cfg, echo=echo_indented, tracker=tracker)
     write_model_lineage(run.train, stats)
     best = result.best_metrics
     lines = [
@@ -348,7 +354,7 @@ def tune_stage(run: RunDir, settings: TuneSection, base: TrainConfig, tracking: 
     asha = settings.asha
     tracker = open_tracker(run, tracking)
     result = run_search(run, base, settings.search_space(), num_samples=settings.num_samples, asha=asha, resume=settings.resume,
-                        grace_period=settings.grace_period, epoch_echo=(lambda line: print(f"  {line}", flush=True)) if settings.verbose else None,
+                        grace_period=settings.grace_period, epoch_echo=echo_indented if settings.verbose else None,
                         tracker=tracker)
     write_model_lineage(run.tune, stats)
     hidden = ["backbone"] + (["error"] if not result.table.get("error", pd.Series(dtype=str)).astype(bool).any() else [])
@@ -384,7 +390,7 @@ def evaluate_stage(run: RunDir, settings: EvaluateSection, tracking: TrackingSec
     clear_record(run.eval)
     print("evaluate: one line per phase as it ends", flush=True)
     result = evaluate_run(run, checkpoint, n_boot=settings.bootstrap, robustness=settings.robustness, subgroups=settings.subgroups,
-                          progress=lambda line: print(f"  {line}", flush=True))
+                          progress=echo_indented)
     m = result.metrics
     registered = track_evaluation(tracker, run, result, settings)
     mean = m["mean"]
@@ -569,7 +575,7 @@ def cv_stage(run: RunDir, settings: CvSection, base: TrainConfig, tracking: Trac
     tracker = open_tracker(run, tracking, register=False)
     result = run_cv(run, base, settings.folds, seed=base.seed, val_frac=settings.val_frac, resume=settings.resume,
                     n_boot=settings.bootstrap, subgroups=settings.subgroups, verbose=settings.verbose,
-                    progress=lambda line: print(f"  {line}", flush=True), tracker=tracker)
+                    progress=echo_indented, tracker=tracker)
     return "\n".join([cv_summary(result), *tracking_lines(tracker, run, run.cv)])
 
 

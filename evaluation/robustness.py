@@ -133,8 +133,8 @@ def perturbed_chunks(images: np.ndarray, name: str, level: int, seed: int = 0, c
 
 def predict_perturbed(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, name: str, level: int,
                       seed: int = 0, chunk: int = CHUNK) -> np.ndarray:
-    """``predict`` of every image perturbed by ``name`` at ``level``, streamed chunk by chunk;
-    rows in the order of ``images``."""
+    """``predict`` of every image perturbed by ``name`` at ``level`` (level 0: the images as they
+    are), streamed chunk by chunk; rows in the order of ``images``."""
     parts = [predict(batch) for batch in perturbed_chunks(images, name, level, seed, chunk)]
     return np.concatenate(parts) if parts else predict(images[:0])
 
@@ -152,8 +152,7 @@ def robustness_table(predict: Callable[[np.ndarray], np.ndarray], images: np.nda
     ``progress`` gets one line per perturbed level as it ends: on a large test split each level
     scores every image again, minutes apiece on a few CPUs."""
     if clean_probs is None:
-        clean_probs = np.concatenate([predict(images[s:s + chunk]) for s in range(0, len(images), chunk)]) \
-            if len(images) else predict(images)
+        clean_probs = predict_perturbed(predict, images, PERTURBATIONS[0].name, 0, seed, chunk)
     clean = _aurocs(labels, clean_probs, findings)
     defined = [k for k, v in clean.items() if not np.isnan(v)]
     rows = []
