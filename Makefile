@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # them); installing them first means the project install below resolves torch without a download.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 RUN ?= runs/demo
-# Two xdist workers, each running whole test modules (tests/conftest.py): Ray tests mostly wait (start-up,
+# Two xdist workers, each running whole test modules, longest first (tests/conftest.py): Ray tests mostly wait (start-up,
 # shutdown, polling), so two overlap their waiting on two cores. TEST_WORKERS=0 runs one process. Tests
 # marked solo (they need the only Ray on the machine) run alone afterwards.
 TEST_WORKERS ?= 2
@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/cxr demo --run $(RUN)
 
 test: setup
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not solo' --durations=25
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m 'not solo' --durations=25
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 GX_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m solo
 
 clean:

@@ -1,8 +1,9 @@
 """Shared fixtures: the real NIH subset (skipped when absent) and a real local Ray.
 
 `make test` runs two pytest-xdist workers with ``--dist loadfile``: each test module runs whole, in
-order, on one worker, so module-scoped fixtures (a module's Ray, a run built test by test) hold; a
-session fixture (the evaluated phantom run) is built once per worker that needs it."""
+order, on one worker, so module-scoped fixtures (a module's Ray, a run built test by test) hold. The
+modules that read the evaluated phantom run are one unit (``pytest_xdist_make_scheduler`` below), so
+that session fixture is built once, not once per worker; long modules are handed out first."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,44 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih"
 NIH_CSV = NIH / "Data_Entry_2017_v2020.csv.gz"
 NIH_IMAGES = NIH / "images"
+
+
+# The modules that use the session fixture ``evaluated_run`` (tests/test_eval_fixtures.py: a phantom
+# run trained, evaluated and explained, 2-3 minutes on 2 cores): one scheduling unit, one build.
+EVALUATED_RUN_MODULES = ("test_eval_run", "test_external", "test_model_card", "test_report", "test_tracking")
+# Modules that take minutes (--durations of `make test`, 2026-12-03), longest first. xdist hands a
+# worker its next unit when it runs low, in collection order; by default it reorders units by
+# test count, which put these few-test, long modules last and left one worker running them alone.
+# Longest first (and --no-loadscope-reorder in the Makefile) lets the short ones fill in at the end.
+LONG_MODULES = ("test_train_ray", "evaluated_run", "test_tune", "test_jobs", "test_cv", "test_real_nih",
+                "test_eval_realdata", "test_atomic_outputs", "test_train_benchmarks", "test_xrv_weights",
+                "test_scale_benchmark", "test_train_multinode", "test_serve", "test_score")
+
+
+def _unit(module_path: str) -> str:
+    """The scheduling unit of a test module: its file, or one shared unit for the evaluated-run modules."""
+    return "evaluated_run" if Path(module_path).stem in EVALUATED_RUN_MODULES else Path(module_path).stem
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` with the evaluated-run modules as one unit. (xdist's ``loadgroup`` would
+    say this with marks, but with pytest 9 it no longer sees them: it rewrites ``item._nodeid``,
+    which pytest 9 does not read.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0])
+
+    return ModuleUnits(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long units first; stable, so the order within a module is kept."""
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(_unit(str(item.path)), len(rank)))
 
 
 @pytest.fixture(scope="session")
