@@ -27,7 +27,9 @@ def test_four_trial_search_writes_a_sorted_table_and_a_loadable_best(ray_local, 
     space = default_space(lr=(1e-3, 3e-3), sampling=("none", "over"), loss=("bce", "weighted"), freeze=("none",))
     epoch_lines: list[str] = []
     result = run_search(RunDir(run), TrainConfig(**BASE), space, num_samples=1, asha=False, epoch_echo=epoch_lines.append)
-    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert "Configuration for experiment" not in out and "View detailed results" not in out  # Tune's own box: not in a log
     assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]  # one line per finished trial
     assert all("best val mean AUROC" in line and "2/2 epochs" in line for line in progress)
     # --verbose: one line per epoch of every trial, the line `cxr train` prints, named by its trial

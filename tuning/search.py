@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -71,6 +72,10 @@ def open_tuner(path: Path, trainable, param_space: dict, resume: bool, tune_conf
     """The Tuner whose experiment lives at ``path``. With ``resume`` the interrupted one is restored
     (``Tuner.restore``: finished trials are kept as they are, unfinished and failed ones continue);
     otherwise a new one, clearing any earlier experiment there."""
+    if not sys.stdout.isatty():
+        # Tune's newer console output prints its configuration box and result paths even at
+        # verbose=0; its older reporter honours verbose=0, so a CI or job log keeps cxr's lines only.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"no {what} to resume at {path}: {remedy}")
