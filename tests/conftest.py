@@ -36,7 +36,8 @@ LONG_MODULES = ("test_train_ray", "evaluated_run", "test_tune", "test_jobs", "te
 
 def _unit(module_path: str) -> str:
     """The scheduling unit of a test module: its file, or one shared unit for the evaluated-run modules."""
-    return "evaluated_run" if Path(module_path).stem in EVALUATED_RUN_MODULES else Path(module_path).stem
+    module = Path(module_path).stem
+    return "evaluated_run" if module in EVALUATED_RUN_MODULES else module
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

@@ -2,6 +2,7 @@
 Tune stops early handing its workers back."""
 from __future__ import annotations
 
+import os
 import time
 
 import pandas as pd
@@ -63,7 +64,8 @@ def test_a_trial_stopped_early_gives_its_workers_back(ray_local, tmp_path):
     """Tune kills the process of a trial it stops (as ASHA does); Ray Train V2 must still free that
     trial's worker reservation (ray-project/ray#54305), or an early-stopping search on a small
     cluster runs out of CPUs and hangs."""
-    deadline = time.monotonic() + 300  # as RAY_DASHBOARD_STARTUP_TIMEOUT_S (conftest): the dashboard answers slowly on a loaded machine
+    # as long as Ray waits for its dashboard (set in conftest): it answers slowly on a loaded machine
+    deadline = time.monotonic() + float(os.environ["RAY_DASHBOARD_STARTUP_TIMEOUT_S"])
     while not state_api_reachable() and time.monotonic() < deadline:
         time.sleep(2)
     assert state_api_reachable()  # what Train's placement-group cleaner relies on

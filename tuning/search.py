@@ -72,7 +72,8 @@ def open_tuner(path: Path, trainable, param_space: dict, resume: bool, tune_conf
     """The Tuner whose experiment lives at ``path``. With ``resume`` the interrupted one is restored
     (``Tuner.restore``: finished trials are kept as they are, unfinished and failed ones continue);
     otherwise a new one, clearing any earlier experiment there."""
-    if not sys.stdout.isatty():
+    at_terminal = sys.stdout.isatty()
+    if not at_terminal:
         # Tune's newer console output prints its configuration box and result paths even at
         # verbose=0; its older reporter honours verbose=0, so a CI or job log keeps cxr's lines only.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -91,7 +92,7 @@ def open_tuner(path: Path, trainable, param_space: dict, resume: bool, tune_conf
         # Tune's live status tables help at a terminal and flood a CI or job log: the result
         # table at the end says it all there.
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=1 if sys.stdout.isatty() else 0, callbacks=callbacks),
+                                  verbose=1 if at_terminal else 0, callbacks=callbacks),
     )
 
 
