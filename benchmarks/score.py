@@ -1,4 +1,4 @@
-"""``cxr score`` (Ray Data: decode tasks + one scoring actor) vs the ``cxr predict`` loop, same files.
+"""``cxr score`` (Ray Data: scoring actors that read, decode and score) vs the ``cxr predict`` loop, same files.
 
 Both decode the real 1024x1024 NIH originals at the checkpoint's size and score them with the same
 model, OOD statistics included (``evaluation.scoring.Scorer``). The files are linked ``--repeat``
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per scoring actor (one Ray run each)")
+    parser.add_argument("--decode", nargs="+", default=["actors"], choices=("actors", "tasks"),
+                        help="where cxr score decodes (one Ray run each, with its default actors): actors (the default on CPUs) or tasks")
     args = parser.parse_args()
     import ray
 
@@ -76,7 +77,7 @@ def main() -> None:
     if len(files) < 96:
         raise SystemExit(f"need at least 96 NIH 1024x1024 originals, found {len(files)}")
     torch.set_num_threads(args.cpus)  # the loop gets the same cores Ray gets
-    rows = []
+    rows, times = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "ckpt", args.backbone, args.image_size, files)
@@ -89,21 +90,28 @@ def main() -> None:
             frame = predict_images(checkpoint, paths)  # decodes every file into memory first, then scores
             loop_s = time.perf_counter() - t0
             n = len(paths)
-            for threads in args.threads:
-                out = tmp / f"out{repeat}-{threads}"
-                with PeakMemory() as mem:
+            for decode in args.decode:
+                out = tmp / f"out{repeat}-{decode}"
+                with PeakMemory(interval=0.5) as mem:  # sampling every 50 ms took CPU from the run it measured
                     t0 = time.perf_counter()
-                    result = score_collection(inputs, checkpoint, out, batch_size=args.batch_size, threads_per_actor=threads)
+                    result = score_collection(inputs, checkpoint, out, batch_size=args.batch_size, decode=decode)
                     ray_s = time.perf_counter() - t0
                 scores = pd.read_parquet(out / "scores").set_index("image_id").loc[[p.name for p in paths]]
                 worst = float(np.abs(scores.filter(like="prob_").to_numpy() - frame.filter(like="prob_").to_numpy()).max())
-                rows.append({"images": n, "actor threads": threads, "predict loop img/s": n / loop_s, "cxr score img/s": n / ray_s,
+                times.setdefault(decode, []).append((n, loop_s, ray_s))
+                rows.append({"images": n, "decoding in": decode, "actors x threads": f"{result.summary['actors']} x {result.summary['threads_per_actor']}", "predict loop img/s": n / loop_s, "cxr score img/s": n / ray_s,
                              "ratio": loop_s / ray_s, "score peak RSS, all processes (MiB)": mem.peak / 2**20,
                              "max |prob diff|": worst, "scored": result.scored, "ood flagged": result.flagged})
         ray.shutdown()
     print(f"\n{len(files)} NIH 1024x1024 originals; {args.backbone} at {args.image_size}x{args.image_size}, batch {args.batch_size}; "
-          f"{args.cpus} CPUs (Ray: decode tasks + 1 actor; loop: {args.cpus} torch threads); load average {os.getloadavg()[0]:.1f}\n")
+          f"{args.cpus} CPUs (loop: {args.cpus} torch threads); load average {os.getloadavg()[0]:.1f}\n")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
+    for decode, runs in times.items():
+        if len(runs) == 2:  # time = fixed + n / rate on each side: the rate from the two sizes, without the fixed start
+            (n1, loop1, ray1), (n4, loop4, ray4) = runs
+            loop_rate, ray_rate = (n4 - n1) / (loop4 - loop1), (n4 - n1) / (ray4 - ray1)
+            print(f"\nmarginal ({n4 - n1} images more, decoding in {decode}): loop {loop_rate:.1f} img/s, cxr score {ray_rate:.1f} img/s, "
+                  f"ratio {ray_rate / loop_rate:.2f}; cxr score's fixed cost {ray1 - n1 / ray_rate:.1f} s, the loop's {loop1 - n1 / loop_rate:.1f} s")
 
 
 if __name__ == "__main__":

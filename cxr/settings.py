@@ -319,14 +319,17 @@ class ScoreSettings(Settings):
     manifest: str | None = option(None, "score the files a .csv/.parquet table lists: 'path' (absolute or relative to the table) and optional 'image_id'", metavar="CSV|PARQUET")
     split: str = option("test", "with --run: the split to score", choices=SCORE_SPLITS)
     batch_size: int = option(32, "images per model call in each actor", metavar="N")
-    actors: int = option(1, "scoring actors, each loading the model once and taking 1 CPU (on CPUs, leave one for decoding)", metavar="N")
+    actors: int | None = option(None, "scoring actors, each loading the model once and taking 1 CPU (None: on CPUs one per CPU of the cluster, each reading, decoding and scoring its own files; with GPUs or --decode tasks 1)", metavar="N")
     gpus_per_actor: float = option(0.0, "GPUs each actor reserves (0: score on the CPU)", metavar="G")
+    decode: str = option("auto", "where files are read and decoded: in the scoring actors, or in separate Ray tasks feeding them (auto: actors on CPUs, tasks with GPUs)",
+                         choices=("auto", "actors", "tasks"))
     threads_per_actor: int | None = option(None, "torch threads of each actor on the CPU (default: the smallest node's CPUs shared among the actors; 1 with GPUs)", metavar="T")
 
     def check(self) -> None:
         require(self.threads_per_actor is None or self.threads_per_actor >= 1, f"{{threads_per_actor}} must be >= 1, got {self.threads_per_actor}")
         require(self.images is None or self.manifest is None, "{images} and {manifest} exclude each other: name one input")
-        require(self.batch_size >= 1 and self.actors >= 1, f"{{batch_size}} and {{actors}} must be >= 1, got {self.batch_size} and {self.actors}")
+        require(self.batch_size >= 1 and (self.actors is None or self.actors >= 1),
+                f"{{batch_size}} and {{actors}} must be >= 1, got {self.batch_size} and {self.actors}")
         require(self.gpus_per_actor >= 0, f"{{gpus_per_actor}} must be >= 0, got {self.gpus_per_actor}")
 
 

@@ -655,13 +655,14 @@ def score_stage(run: RunDir | None, settings: ScoreSettings) -> str:
     info = read_info(checkpoint)
     thresholds = read_thresholds(run or run_of_checkpoint(checkpoint), checkpoint, list(info["findings"]))
     print(f"score: {len(inputs)} image(s), {source}; checkpoint {checkpoint} ({info['backbone']}, {info['image_size']} px); "
-          f"{settings.actors} actor(s) x batch {settings.batch_size}" + (f", {settings.gpus_per_actor:g} GPU each" if settings.gpus_per_actor else ""),
+          f"batch {settings.batch_size}" + (f", {settings.gpus_per_actor:g} GPU per actor" if settings.gpus_per_actor else ""),
           flush=True)
     result = score_collection(inputs, checkpoint, Path(settings.out), thresholds, settings.batch_size, settings.actors,
-                              settings.gpus_per_actor, source, settings.threads_per_actor)
+                              settings.gpus_per_actor, source, settings.threads_per_actor, settings.decode)
     s = result.summary
     lines = [f"score: {s['rows_in']} in = {result.scored} scored + {result.quarantined} quarantined"
-             + (f" (first: {_first_reason(result.out / QUARANTINE)})" if result.quarantined else "")]
+             + (f" (first: {_first_reason(result.out / QUARANTINE)})" if result.quarantined else ""),
+             f"  {s['actors']} actor(s) x {s['threads_per_actor']} torch thread(s), decoding {s['decoding']}"]
     if result.flagged is None:
         lines.append(f"  out of distribution: unknown; {s['ood_note']}")
     else:

@@ -1,14 +1,20 @@
-"""Scoring a whole collection with Ray Data: paths -> read + decode (tasks) -> score (an actor pool,
-each actor loading the checkpoint once) -> Parquet.
+"""Scoring a whole collection with Ray Data: paths -> read + decode -> score (an actor pool, each
+actor loading the checkpoint once) -> Parquet.
 
 The input is a table of ``image_id`` and ``path`` (a folder's files, a manifest, or a run's split).
-Each decode task reads its files' bytes and decodes them exactly as preprocessing did, at the
-checkpoint's size (``Scorer.decode``); a file that is missing, unreadable or not an image becomes a
-row with its reason instead of an error, so one bad file never stops the run. The actors score the
-decoded rows (``evaluation.scoring.Scorer``: probabilities, thresholded calls, OOD fields) and pass
-the bad rows through. ``write_parquet`` partitions by ``status``: the scored rows become
-``<out>/scores/``, the others ``<out>/quarantine.parquet`` (stage ``score``, with the reason).
-Rows in = scored + quarantined, checked.
+Each file's bytes are read and decoded exactly as preprocessing did, at the checkpoint's size
+(``Scorer.decode``); a file that is missing, unreadable or not an image becomes a row with its
+reason instead of an error, so one bad file never stops the run. The actors score the decoded rows
+(``evaluation.scoring.Scorer``: probabilities, thresholded calls, OOD fields) and pass the bad rows
+through. ``write_parquet`` partitions by ``status``: the scored rows become ``<out>/scores/``, the
+others ``<out>/quarantine.parquet`` (stage ``score``, with the reason). Rows in = scored +
+quarantined, checked.
+
+Where decoding runs depends on where the model runs. On CPUs every actor reads, decodes and scores
+its own blocks, one actor per CPU with one torch thread each: decoding and the forward pass then
+both run on every core (measured on 2 cores: 1.51x the ``cxr predict`` loop's throughput at 224 px,
+where separate decode tasks beside one actor gave 1.25x; docs/benchmarks.md, "Scoring a collection"). With GPUs the actors only score, and
+read-and-decode tasks on the CPUs feed them, so the GPUs never wait on PNG decoding.
 
 Memory stays flat as the collection grows: Ray Data's streaming executor holds a bounded number of
 blocks of at most ``IMAGES_PER_BLOCK_MAX`` images in flight; nothing collects the images (measured
@@ -37,7 +43,10 @@ QUARANTINE = "quarantine.parquet"
 THRESHOLDS = "thresholds.json"
 SUMMARY = "summary.json"
 SCORED, QUARANTINED = "scored", "quarantined"
-DECODE_CPUS = 0.5
+DECODE_CPUS = 0.5  # with GPU actors: two single-threaded decode tasks share a CPU
+WRITE_CPUS = 0.0  # writing Parquet is light I/O; CPU actors hold every CPU, and a write task must still start
+# (one writer at a time: a 0-CPU task has no CPU limit, and concurrent writes started extra worker processes:
+# 53 s instead of 46 s for 1,200 images on 2 cores)
 
 
 def read_and_decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -64,13 +73,16 @@ class ScoreBatch:
     """The Ray Data actor: loads the checkpoint once (``Scorer``), then scores each batch's decoded
     rows; rows with a ``reason`` are passed through unscored, with ``status`` quarantined."""
 
-    def __init__(self, checkpoint: str, thresholds: Thresholds | None, use_gpu: bool, threads: int) -> None:
+    def __init__(self, checkpoint: str, thresholds: Thresholds | None, use_gpu: bool, threads: int, decode: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)  # Ray sets the actor's OMP threads to its CPU reservation (1)
         self.scorer = Scorer(Path(checkpoint), thresholds, device="cuda" if use_gpu else None)
+        self.decode = decode  # True: the batch holds paths, read and decoded here (CPU actors)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode:
+            batch = read_and_decode(batch, self.scorer.image_size)
         n, size = len(batch["image_id"]), self.scorer.image_size
         good = np.array([not r for r in batch["reason"]], dtype=bool)
         pixels = np.stack([np.frombuffer(b, np.uint8).reshape(size, size) for b in batch["image"][good]]) if good.any() \
@@ -97,11 +109,15 @@ class ScoreResult:
     summary: dict
 
 
+def default_actors(in_actors: bool, gpus_per_actor: float, cpus: float) -> int:
+    """Scoring actors when ``--actors`` is not given: one per CPU of the cluster when CPU actors
+    decode (one torch thread each); else one (``--actors N`` for N GPUs)."""
+    return max(1, int(cpus)) if in_actors and gpus_per_actor == 0 else 1
+
+
 def actor_threads(actors: int, gpus_per_actor: float) -> int:
     """Torch threads per scoring actor: on GPUs 1; on CPUs the smallest node's CPUs shared among the
-    actors (at least 1). Why not the actor's 1-CPU reservation: the forward pass is most of the work,
-    and the decode tasks need little CPU, so one single-threaded actor left a core idle
-    (docs/benchmarks.md, "Scoring a collection": 2 threads scored 0.80x the loop where 1 thread scored 0.67x)."""
+    actors (at least 1), so that fewer actors than CPUs still use every core for the forward pass."""
     import ray
 
     if gpus_per_actor > 0:
@@ -110,9 +126,30 @@ def actor_threads(actors: int, gpus_per_actor: float) -> int:
     return max(1, int(min(node_cpus, default=1)) // max(1, actors))
 
 
+DECODE_PLACES = ("auto", "actors", "tasks")
+
+
+def decodes_in_actors(decode: str, gpus_per_actor: float) -> bool:
+    """``auto``: in the actors on CPUs, in separate tasks with GPUs (module docstring)."""
+    if decode not in DECODE_PLACES:
+        raise UserInputError(f"--decode {decode!r}: choose one of {', '.join(DECODE_PLACES)}")
+    return gpus_per_actor == 0 if decode == "auto" else decode == "actors"
+
+
+def check_actors(actors: int, in_actors: bool, cpus: float) -> None:
+    """Refuse an actor pool this cluster cannot start, before Ray Data waits on it forever."""
+    if in_actors and actors > cpus:
+        raise UserInputError(f"--actors {actors}: this Ray cluster has {cpus:g} CPU(s), and each scoring actor takes one: "
+                             f"use at most {int(cpus)}")
+    if not in_actors and actors >= cpus:  # the actors take a CPU each; the read-and-decode tasks need the rest
+        raise UserInputError(f"--actors {actors} would take every CPU of this Ray cluster ({cpus:g}), leaving none to read and "
+                             f"decode the images: use at most {max(int(cpus) - 1, 1) if cpus > 1 else 0} actor(s)"
+                             + ("" if cpus > 1 else ", on a cluster with at least 2 CPUs"))
+
+
 def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, thresholds: Thresholds | None = None,
-                     batch_size: int = 32, actors: int = 1, gpus_per_actor: float = 0.0,
-                     source: str = "", threads_per_actor: int | None = None) -> ScoreResult:
+                     batch_size: int = 32, actors: int | None = None, gpus_per_actor: float = 0.0,
+                     source: str = "", threads_per_actor: int | None = None, decode: str = "auto") -> ScoreResult:
     """Score every row of ``inputs`` (``image_id``, absolute ``path``) on the connected Ray cluster;
     ``out`` is built in a staging folder and swapped in whole (complete or absent)."""
     import ray  # evaluation stays importable without Ray machinery
@@ -129,28 +166,26 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
     info = read_info(Path(checkpoint))
     ood, ood_note = read_ood(Path(checkpoint))  # checked here, before any actor starts
     cpus = ray.cluster_resources().get("CPU", 1)
-    if actors >= cpus:  # every actor takes a CPU: with none left, the read-and-decode tasks never start
-        raise UserInputError(f"--actors {actors} would take every CPU of this Ray cluster ({cpus:g}), leaving none to read and "
-                             f"decode the images: use at most {max(int(cpus) - 1, 1) if cpus > 1 else 0} actor(s)"
-                             + ("" if cpus > 1 else ", on a cluster with at least 2 CPUs"))
+    decode_in_actors = decodes_in_actors(decode, gpus_per_actor)
+    actors = actors or default_actors(decode_in_actors, gpus_per_actor, cpus)
+    check_actors(actors, decode_in_actors, cpus)
     threads = threads_per_actor or actor_threads(actors, gpus_per_actor)
     blocks = default_blocks(len(inputs), cpus)
     table = inputs[["image_id", "path"]].astype(str).reset_index(drop=True)
     chunks = [table.iloc[index] for index in np.array_split(np.arange(len(table)), blocks) if len(index)]
     ds = ray.data.from_pandas(chunks)
-    # Decoding reserves half a CPU: two single-threaded decode tasks share a CPU the actors leave, and
-    # the reservation differs from the actors' so Ray Data does not fuse decoding into the actor
-    # (measured: fused, one process decoded and scored in turn, and scoring ran slower than the loop).
-    ds = ds.map_batches(read_and_decode, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
-                        fn_kwargs={"image_size": int(info["image_size"])})
+    if not decode_in_actors:
+        # The decode tasks' reservation differs from the actors', so Ray Data does not fuse them into the actors.
+        ds = ds.map_batches(read_and_decode, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
+                            fn_kwargs={"image_size": int(info["image_size"])})
     ds = ds.map_batches(ScoreBatch, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                         num_gpus=gpus_per_actor or None,
                         fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "thresholds": thresholds,
-                                               "use_gpu": gpus_per_actor > 0, "threads": threads})
+                                               "use_gpu": gpus_per_actor > 0, "threads": threads, "decode": decode_in_actors})
     out = Path(out)
     with staged_dir(out) as staging:
         written = staging / ".written"
-        ds.write_parquet(str(written), partition_cols=["status"])
+        ds.write_parquet(str(written), partition_cols=["status"], ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=1)
         scored_dir, failed_dir = written / f"status={SCORED}", written / f"status={QUARANTINED}"
         scores_dir = staging / SCORES
         if scored_dir.is_dir():
@@ -177,6 +212,7 @@ def score_collection(inputs: pd.DataFrame, checkpoint: Path, out: Path, threshol
             "thresholds": THRESHOLDS if thresholds is not None else None,
             "files": {"scores": f"{SCORES}/", "quarantine": QUARANTINE},
             "actors": actors, "batch_size": batch_size, "gpus_per_actor": gpus_per_actor, "threads_per_actor": threads,
+            "decoding": "in the actors" if decode_in_actors else "read-and-decode tasks on the CPUs",
         }
         write_json(staging / SUMMARY, summary)
     return ScoreResult(out, int(len(counted)), int(len(failed)), flagged, summary)

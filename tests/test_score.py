@@ -77,6 +77,9 @@ def test_score_a_folder_quarantines_bad_files_and_matches_predict(phantom, tmp_p
     assert "truncated" in quarantine.loc["truncated.png", "reason"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_in"] == summary["scored"] + summary["quarantined"] == 9
+    # on CPUs by default: one actor per CPU of the (2-CPU) Ray, each decoding its own files with one torch thread
+    assert (summary["actors"], summary["threads_per_actor"], summary["decoding"]) == (2, 1, "in the actors")
+    assert "2 actor(s) x 1 torch thread(s), decoding in the actors" in printed
     # The checkpoint is train/best of an evaluated run: calls at its validation thresholds, written beside.
     thresholds = json.loads((out / "thresholds.json").read_text())
     metrics = json.loads(phantom.eval_metrics.read_text())
@@ -109,9 +112,11 @@ def test_score_a_run_split_and_a_manifest(phantom, tmp_path, capsys):
     files = _images(phantom, "val")[:3]
     manifest = tmp_path / "list.csv"
     pd.DataFrame({"image_id": ["a", "b", "c", "gone"], "path": [*map(str, files), "missing.png"]}).to_csv(manifest, index=False)
-    assert main(["score", "--checkpoint", str(bare), "--manifest", str(manifest), "--out", str(tmp_path / "m")]) == 0
+    # decoded by separate read-and-decode tasks (the GPU arrangement) this time: same rows, same quarantine
+    assert main(["score", "--checkpoint", str(bare), "--manifest", str(manifest), "--out", str(tmp_path / "m"), "--decode", "tasks"]) == 0
     printed = capsys.readouterr().out
     assert "out of distribution: unknown; no ood.npz" in printed and "calls: none" in printed
+    assert "1 actor(s) x 2 torch thread(s), decoding read-and-decode tasks on the CPUs" in printed
     scores = _scores(tmp_path / "m")
     assert list(scores["image_id"]) == ["a", "b", "c"] and scores["ood"].isna().all() and scores["ood_score"].isna().all()
     assert not any(c.startswith("pred_") for c in scores.columns) and not (tmp_path / "m" / "thresholds.json").exists()
@@ -123,6 +128,16 @@ def test_score_refuses_two_inputs(phantom, tmp_path, capsys):
     assert main(["score", "--checkpoint", str(phantom.train_best), "--images", str(tmp_path), "--run", str(phantom.root),
                  "--out", str(tmp_path / "o")]) == 1
     assert "exactly one input" in capsys.readouterr().err
+
+
+def test_score_refuses_more_actors_than_the_cluster_can_start(phantom, tmp_path, capsys):
+    """Each actor takes a CPU; decoding in tasks needs one more: refused before Ray Data waits forever."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(_images(phantom, "test")[0], tmp_path / "in" / "a.png")
+    for extra, message in ((["--actors", "3"], "has 2 CPU(s), and each scoring actor takes one: use at most 2"),
+                           (["--actors", "2", "--decode", "tasks"], "leaving none to read and decode the images: use at most 1")):
+        assert main(["score", "--checkpoint", str(phantom.train_best), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o"), *extra]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_phantom_model_flags_real_nih_images_not_held_out_phantoms(phantom, nih):
