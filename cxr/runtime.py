@@ -79,6 +79,29 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     with _loopback_node():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                  logging_level=logging.WARNING, log_to_driver=False)
+    quiet_ray_data_console()
+
+
+class _DropProgressBarNotice(logging.Filter):
+    """Ray Data warns on every dataset that its progress bars are off; cxr turns them off itself
+    when the output is not a terminal (``quiet_environment``), so the notice is noise there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (each dataset's "Starting execution", its plan, "execution finished")
+    stay in its log file (``logs/ray-data/`` of the Ray session) and out of the terminal, where cxr
+    prints its own line per stage and epoch; Ray Data's warnings and errors still show. Its console
+    handler is the one named ``console`` in Ray Data's logging config (``ray.data._internal.logging``)."""
+    import ray.data  # noqa: F401  (configures the 'ray.data' logger and its handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropProgressBarNotice) for f in handler.filters):
+                handler.addFilter(_DropProgressBarNotice())
 
 
 @contextlib.contextmanager
@@ -96,6 +119,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         global _embedded
         _embedded = False
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        quiet_ray_data_console()
     else:
         init_local_ray(num_cpus)
     try:
