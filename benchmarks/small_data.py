@@ -3,10 +3,12 @@
 ``run`` cross-validates one recipe on a copy of a prepared run directory (ingested, split,
 preprocessed), through the ordinary ``cxr cv`` verb, and records its wall time beside the results;
 ``table`` writes the study's table from the finished rows' ``cv/metrics.json``, so every number in
-the page comes from a run.
+the page comes from a run; ``within`` splits a row's out-of-fold AUROC per cohort into "any finding
+vs none" and "which finding, among images with one", the two tasks a mean AUROC mixes.
 
     python benchmarks/small_data.py run --base /tmp/sd/base64 --out /tmp/sd/A -- --backbone resnet18 --weights none --epochs 10
     python benchmarks/small_data.py table /tmp/sd/A /tmp/sd/B > table.md
+    python benchmarks/small_data.py within /tmp/sd/A
 """
 from __future__ import annotations
 
@@ -105,6 +107,54 @@ def table(rows: list[Path]) -> str:
                       "Baselines (cross-validated on the same folds; the same in every row):", "", *base_lines]) + "\n"
 
 
+MIN_POSITIVES = 5  # a finding's AUROC in a subset counts only with at least this many positives
+
+
+def separation(oof, manifest, findings: list[str]):
+    """Per cohort (and all images): how much of the out-of-fold mean AUROC is telling sick from
+    healthy, and how much is telling findings apart. Why: a cohort where half the images have no
+    finding rewards a model that only learned "abnormal"; one where most have some finding asks
+    which. Columns: images, share with a finding, AUROC of the mean probability for any finding vs
+    none, mean per-finding AUROC on all images and among images with a finding only (findings with
+    at least MIN_POSITIVES positives and one negative in that subset; their count beside)."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    probs = [f"prob_{f}" for f in findings]
+    data = oof[["image_id", *probs]].merge(manifest[["image_id", "cohort", *findings]], on="image_id", validate="one_to_one")
+    data["any"] = data[findings].sum(axis=1) > 0
+
+    def mean_auroc(subset) -> tuple[float, int]:
+        aucs = [roc_auc_score(subset[f], subset[f"prob_{f}"]) for f in findings
+                if subset[f].sum() >= MIN_POSITIVES and subset[f].sum() < len(subset)]
+        return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+    rows = []
+    for name, subset in [("all images", data), *((f"cohort {c}", g) for c, g in data.groupby("cohort", sort=True))]:
+        overall, n_all = mean_auroc(subset)
+        among, n_among = mean_auroc(subset[subset["any"]])
+        any_auc = roc_auc_score(subset["any"], subset[probs].mean(axis=1)) if 0 < subset["any"].sum() < len(subset) else float("nan")
+        rows.append({"images": name, "n": len(subset), "with a finding": float(subset["any"].mean()),
+                     "any finding vs none (mean prob)": any_auc, "mean AUROC, all images": overall, "findings (all)": n_all,
+                     "mean AUROC, among images with a finding": among, "findings (among)": n_among})
+    return pd.DataFrame(rows)
+
+
+def within(rows: list[Path]) -> str:
+    import pandas as pd
+
+    from evaluation.cv import OOF_FILE
+    from pipelines.labels import FINDINGS
+
+    parts = []
+    for row in rows:
+        run = RunDir(row)
+        frame = separation(pd.read_parquet(run.cv / OOF_FILE), pd.read_parquet(run.manifest), list(FINDINGS))
+        parts.append(f"{row.name}\n\n" + frame.to_markdown(index=False, floatfmt=".3f") + "\n")
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -114,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("cv_args", nargs=argparse.REMAINDER, help="after --: the cxr cv options of the recipe")
     t = sub.add_parser("table", help="the study's table from finished rows")
     t.add_argument("rows", type=Path, nargs="+")
+    w = sub.add_parser("within", help="per cohort: any finding vs none, and which finding among images with one")
+    w.add_argument("rows", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.action == "run":
         return run_row(args.base, args.out, [a for a in args.cv_args if a != "--"])
-    print(table(args.rows), end="")
+    print((table if args.action == "table" else within)(args.rows), end="")
     return 0
 
 
