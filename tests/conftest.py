@@ -40,6 +40,7 @@ def _unit(module_path: str) -> str:
     return "evaluated_run" if module in EVALUATED_RUN_MODULES else module
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist (-p no:xdist) still runs
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadfile`` with the evaluated-run modules as one unit. (xdist's ``loadgroup`` would
     say this with marks, but with pytest 9 it no longer sees them: it rewrites ``item._nodeid``,
