@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cxr.runtime import LOOPBACK
+from evaluation.batch_score import DECODE_PLACES
 from evaluation.serving import ServeApp
 from pipelines.external import check_name
 from pipelines.imaging import MAX_IMAGE_SIZE
@@ -322,7 +323,7 @@ class ScoreSettings(Settings):
     actors: int | None = option(None, "scoring actors, each loading the model once and taking 1 CPU (None: on CPUs one per CPU of the cluster, each reading, decoding and scoring its own files; with GPUs or --decode tasks 1)", metavar="N")
     gpus_per_actor: float = option(0.0, "GPUs each actor reserves (0: score on the CPU)", metavar="G")
     decode: str = option("auto", "where files are read and decoded: in the scoring actors, or in separate Ray tasks feeding them (auto: actors on CPUs, tasks with GPUs)",
-                         choices=("auto", "actors", "tasks"))
+                         choices=DECODE_PLACES)
     threads_per_actor: int | None = option(None, "torch threads of each actor on the CPU (default: the smallest node's CPUs shared among the actors; 1 with GPUs)", metavar="T")
 
     def check(self) -> None:

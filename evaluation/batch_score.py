@@ -13,8 +13,9 @@ quarantined, checked.
 Where decoding runs depends on where the model runs. On CPUs every actor reads, decodes and scores
 its own blocks, one actor per CPU with one torch thread each: decoding and the forward pass then
 both run on every core (measured on 2 cores: 1.51x the ``cxr predict`` loop's throughput at 224 px,
-where separate decode tasks beside one actor gave 1.25x; docs/benchmarks.md, "Scoring a collection"). With GPUs the actors only score, and
-read-and-decode tasks on the CPUs feed them, so the GPUs never wait on PNG decoding.
+where separate decode tasks beside one actor gave 1.25x; docs/benchmarks.md, "Scoring a
+collection"). With GPUs the actors only score, and read-and-decode tasks on the CPUs feed them, so
+the GPUs never wait on PNG decoding.
 
 Memory stays flat as the collection grows: Ray Data's streaming executor holds a bounded number of
 blocks of at most ``IMAGES_PER_BLOCK_MAX`` images in flight; nothing collects the images (measured
